@@ -532,6 +532,10 @@ class _Builder:
             if socket_path is not None and not os.path.isabs(socket_path):
                 socket_path = str(self.base / socket_path)
         token = self.secret(f"{p}.token", doc["token"], "upstream", listed=False) if "token" in doc else None
+        if token is not None and any(c < 0x20 or c == 0x7F for c in token.value):
+            # It becomes an HTTP header value: a line break would let it add headers.
+            self.bad(f"{p}.token", "must not contain control characters")
+            token = None
         if protocol == "openclaw" and "token" not in doc:
             self.bad(f"{p}.token", "is required with protocol 'openclaw' (the gateway's hooks.token)")
         timeout = self.field(p, doc, "timeout", parse_duration, 20.0 if protocol == "openclaw" else 10.0)
