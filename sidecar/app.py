@@ -23,7 +23,7 @@ from .guards.body import json_body
 from .guards.clientip import client_address
 from .guards.enabled import webhooks_enabled
 from .guards.lockout import LockoutTable, auth_lockout, failure_recorder
-from .guards.routing import route, no_token_in_query
+from .guards.routing import no_token_in_query, route
 from .logs import AuditLog
 from .metrics import Metrics
 from .pipeline import Call, Guard, Reject

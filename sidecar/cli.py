@@ -34,7 +34,7 @@ def _config_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> P
 
 
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .server import run  # noqa: PLC0415 - keep `check-config` and `gen-secret` light
+    from .server import run
 
     return run(_config_path(args, parser))
 
@@ -62,7 +62,7 @@ def cmd_gen_secret(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def cmd_gen_cert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .certs import write_demo_pki  # noqa: PLC0415
+    from .certs import write_demo_pki
 
     try:
         written = write_demo_pki(Path(args.out), args.host or ["localhost", "127.0.0.1"])
@@ -75,13 +75,13 @@ def cmd_gen_cert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 
 def cmd_dev_runtime(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .devruntime import run  # noqa: PLC0415
+    from .devruntime import run
 
     return run(args.socket)
 
 
 def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .demo import run  # noqa: PLC0415
+    from .demo import run
 
     return run(args.port)
 

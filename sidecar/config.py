@@ -359,7 +359,7 @@ class _Builder:
             return None
         session_key = self.field(path, doc, "sessionKey", _session_key, f"webhook:{name}")
         allow = self.field(path, doc, "allowRequestSessionKey", _bool, True)
-        prefixes = self.field(path, doc, "sessionKeyPrefixes", _prefixes, ())
+        prefixes: tuple[str, ...] = self.field(path, doc, "sessionKeyPrefixes", _prefixes, ())
         rate = self.rate_limit(_join(path, "rateLimit"), doc["rateLimit"]) if "rateLimit" in doc else None
         concurrent = self.field(path, doc, "maxConcurrent", _int_between(1, 100_000), None)
         agent_id = self.field(path, doc, "agentId", _agent_name, name)
@@ -479,7 +479,8 @@ class _Builder:
         tls = self.tls(doc["tls"]) if "tls" in doc else None
         upstream = self.upstream(doc.get("upstream", {}))
         allow = self.field(p, doc, "allowIps", _networks, None)
-        trusted = self.field(p, doc, "trustedProxies", _networks, ())
+        no_proxies: tuple[IPNetwork, ...] = ()
+        trusted = self.field(p, doc, "trustedProxies", _networks, no_proxies)
         rate = self.rate_limits(doc.get("rateLimit", {}))
         lockout = self.lockout(doc.get("authLockout", {}))
         limits = self.limits(doc.get("limits", {}))

@@ -23,7 +23,7 @@ FIELDS = {"/hooks/wake": {"agent", "sessionKey", "requestId"},
           "/hooks/agent": {"agent", "message", "sessionKey", "requestId"}}  # fmt: skip
 
 Reporter = Callable[[dict[str, Any]], None]
-REPORTER = web.AppKey("reporter", Reporter)
+REPORTER: web.AppKey[Reporter] = web.AppKey("reporter")
 
 
 def print_json_line(entry: dict[str, Any]) -> None:

@@ -91,7 +91,7 @@ class _Handler(logging.Handler):
                 extra = " ".join(f"{k}={v}" for k, v in fields.items())
                 line = f"{_iso(record.created)} {record.levelname:<7} {record.name}: {message} {extra}"
             self.writer.write(line.rstrip())
-        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+        except Exception:
             self.handleError(record)
 
 

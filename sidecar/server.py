@@ -30,7 +30,7 @@ KEEPALIVE_TIMEOUT = 75.0
 def install_uvloop() -> bool:
     """Use uvloop when it is installed: the same code, a faster event loop."""
     try:
-        import uvloop  # noqa: PLC0415
+        import uvloop
     except ImportError:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
