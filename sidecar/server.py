@@ -23,9 +23,6 @@ from .metrics import Metrics
 
 log = logging.getLogger("sidecar")
 
-# Idle keep-alive connections from clients (or nginx) are closed after this long.
-KEEPALIVE_TIMEOUT = 75.0
-
 
 def install_uvloop() -> bool:
     """Use uvloop when it is installed: the same code, a faster event loop."""
@@ -59,7 +56,11 @@ class Server:
             create_app(self.state),
             access_log=None,
             handler_cancellation=False,  # a client hanging up must not abort a forwarded call
-            keepalive_timeout=KEEPALIVE_TIMEOUT,
+            # aiohttp arms this timer when a connection opens and after each response,
+            # and closes the connection if no complete request head has arrived when it
+            # fires; bytes trickling in do not reset it. That is exactly the header
+            # timeout slowloris needs (it also bounds idle keep-alive connections).
+            keepalive_timeout=settings.sidecar.limits.header_timeout,
             shutdown_timeout=settings.sidecar.shutdown_timeout,
         )
         self._admin = web.AppRunner(create_admin_app(self.state), access_log=None, shutdown_timeout=1)

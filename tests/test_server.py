@@ -105,3 +105,35 @@ async def test_taken_port_exits_1(runtime: Runtime, short_tmp: Path) -> None:
         )
     assert result.returncode == 1
     assert "cannot listen" in result.stderr
+
+
+async def test_headers_trickling_in_are_cut_off_at_header_timeout(
+    runtime: Runtime, short_tmp: Path, sidecar_process: Any
+) -> None:
+    """Slowloris: a request head sent a byte at a time never completes; the connection
+    is closed once limits.headerTimeout has passed, not kept open by the trickle."""
+    import asyncio
+
+    port, admin = free_port(), free_port()
+    doc = process_doc(runtime.path, port, admin)
+    doc["sidecar"]["limits"] = {"headerTimeout": "1s"}
+    sidecar_process(write_config(short_tmp, doc), admin)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    closed_after = None
+    for byte in b"POST /hooks/wake HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+        try:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            if await asyncio.wait_for(reader.read(1), 0.1) == b"":
+                closed_after = loop.time() - started
+                break
+        except TimeoutError:
+            continue
+        except ConnectionError:
+            closed_after = loop.time() - started
+            break
+    writer.close()
+    assert closed_after is not None, "the trickling connection was never closed"
+    assert 0.9 < closed_after < 5
