@@ -55,7 +55,6 @@ from conftest import AGENT, SECRET, Runtime, base_doc, free_port, write_config
 
 from sidecar import config
 from sidecar.certs import write_demo_pki
-from sidecar.server import KEEPALIVE_TIMEOUT
 
 pytestmark = pytest.mark.nginx
 
@@ -682,6 +681,8 @@ def test_sizes_and_timeouts_agree_with_the_sidecar() -> None:
     # fires for a client that nginx still waits for.
     [body_timeout] = map(config.parse_duration, directive(text, "client_body_timeout"))
     assert body_timeout <= config.parse_duration(deployed["limits"]["bodyTimeout"])
-    # nginx closes an idle upstream connection before the sidecar does.
+    # nginx closes an idle upstream connection before the sidecar does (the sidecar's
+    # idle timeout is its header timeout: see server.py).
     [idle] = map(config.parse_duration, directive(upstream_block[1], "keepalive_timeout"))
-    assert idle < KEEPALIVE_TIMEOUT
+    assert idle < defaults.limits.header_timeout
+    assert idle < config.parse_duration(deployed["limits"]["headerTimeout"])
