@@ -862,13 +862,28 @@ def summarize(runs: list[Run], scns: list[Scenario], targets: dict[str, Target])
                 "p999": med([x["p999"] for x in per]),
                 "per_round_p99": [x["p99"] for x in per],
             }
+    target_of = {s.name: s.target for s in scns}
     for name, t in targets.items():
         pids = t.pids()
+        served = sum(
+            (r.data.get("requests") or r.data.get("answered_all") or 0)
+            for r in runs
+            if target_of.get(r.scenario) == name
+        )
+        now = sum(status_kb(p, "VmRSS") for p in pids)
         summ["memory_kb"][name] = {
             "rss_after_start": t.rss_start_kb,
-            "rss_now": sum(status_kb(p, "VmRSS") for p in pids),
+            "rss_now": now,
             "peak": sum(status_kb(p, "VmHWM") for p in pids),
             "processes": len(pids),
+            "requests_measured": served,
+            # Growth per 1000 requests: steady growth across rounds is a leak.
+            "kb_per_1k_requests": round((now - t.rss_start_kb) / (served / 1000), 1)
+            if served
+            else None,
+            "rss_after_each_run": [
+                r.data.get("rss_after_kb") for r in runs if target_of.get(r.scenario) == name
+            ],
         }
     return summ
 
@@ -999,7 +1014,8 @@ def print_report(
             w("== added latency, ms: median over rounds of (target - direct) in the same round")
             out += table(["added", "p50", "p99", "p99.9", "p99 per round"], rows)
     w("")
-    w("== memory, MiB (VmRSS after start, VmRSS at the end, peak VmHWM; whole process group)")
+    w("== memory, MiB: VmRSS after start, at the end, peak VmHWM (whole process group);")
+    w("   KiB/1k req: (end - start) per 1000 requests measured (warm-ups not counted)")
     rows = [
         [
             n,
@@ -1007,10 +1023,11 @@ def print_report(
             f"{m['rss_now'] / 1024:.1f}",
             f"{m['peak'] / 1024:.1f}",
             str(m["processes"]),
+            fmt(m["kb_per_1k_requests"], ".1f"),
         ]
         for n, m in summ["memory_kb"].items()
     ]
-    out += table(["target", "start", "end", "peak", "processes"], rows)
+    out += table(["target", "start", "end", "peak", "processes", "KiB/1k req"], rows)
     for name, why in skipped.items():
         w(f"SKIPPED {name}: {why}")
     noisy = [r for r in runs if r.noise]
