@@ -524,6 +524,20 @@ class Bench:
     def runtime_posts(self) -> int:
         return int(json.loads(http_call(self.runtime.port, "GET", "/__bench/stats")[1])["posts"])
 
+    def settled_posts(self) -> int:
+        """The runtime's count once calls still in flight in a proxy have landed.
+
+        Otherwise a call forwarded just after wrk stopped would be counted in
+        the next run, and flag a refusal run as "reached the runtime"."""
+        last = self.runtime_posts()
+        for _ in range(20):
+            time.sleep(0.1)
+            now = self.runtime_posts()
+            if now == last:
+                break
+            last = now
+        return last
+
     def measure(self, s: Scenario, rnd: int, duration: float) -> Run:
         t = self.targets[s.target]
         token = self.secret if s.good_token else self.bad
@@ -553,7 +567,7 @@ class Bench:
                 for a, b in zip(ru0, ru1, strict=True)
             ),
         }
-        posts = self.runtime_posts() - posts0
+        posts = self.settled_posts() - posts0
         run = Run(s.name, rnd, data, flags)
         if not t.proc.alive():
             flags.append(f"{t.name} died (status {t.proc.popen.returncode})")
@@ -1280,6 +1294,7 @@ def main() -> int:
                 ],
                 "summary": summ,
             }
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
             log(f"wrote {args.json}")
     except (KeyboardInterrupt, Interrupted) as e:
