@@ -14,6 +14,11 @@ from typing import Any
 
 AGENT = "my-agent"
 BODY = '{"agent":"my-agent","message":"hello"}'
+# Refusal runs send the same call with another word of the same length: the
+# runtime counts the bodies carrying it, so a refused call that reached it is
+# caught exactly, even if it lands after its run (a proxy still busy).
+REFUSED_MARK = "xyzzy"
+BODY_REFUSED = BODY.replace("hello", REFUSED_MARK)
 PATH = "/hooks/agent"
 
 # Generous limits: the guards are on the path, but must not refuse anything

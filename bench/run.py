@@ -348,7 +348,16 @@ def start_runtime(h: Harness, args: argparse.Namespace, ports: set[int]) -> Targ
     port = free_port(ports)
     p = h.spawn(
         "runtime",
-        [PY, str(BENCH / "runtime.py"), "--socket", str(sock), "--port", str(port)],
+        [
+            PY,
+            str(BENCH / "runtime.py"),
+            "--socket",
+            str(sock),
+            "--port",
+            str(port),
+            "--count-marker",
+            configs.REFUSED_MARK,
+        ],
         cpu=args.server_cpu,
     )
     wait_ready(p, lambda: unix_open(sock) and tcp_open(port), "listening socket", 15)
@@ -521,21 +530,22 @@ class Bench:
         self.args, self.h, self.targets, self.runtime = args, h, targets, runtime
         self.secret, self.bad = secret, bad
 
-    def runtime_posts(self) -> int:
-        return int(json.loads(http_call(self.runtime.port, "GET", "/__bench/stats")[1])["posts"])
+    def runtime_stats(self) -> tuple[int, int]:
+        """(POSTs received, POSTs carrying the refusal runs' marker)."""
+        d = json.loads(http_call(self.runtime.port, "GET", "/__bench/stats")[1])
+        return int(d["posts"]), int(d["marked"])
 
-    def settled_posts(self) -> int:
-        """The runtime's count once calls still in flight in a proxy have landed.
-
-        Otherwise a call forwarded just after wrk stopped would be counted in
-        the next run, and flag a refusal run as "reached the runtime"."""
-        last = self.runtime_posts()
-        for _ in range(20):
+    def settled_stats(self) -> tuple[int, int]:
+        """The runtime's counts once calls still in flight in a proxy have landed
+        (unchanged for 0.3 s, 5 s at most), so that they count in their own run."""
+        last, stable = self.runtime_stats(), 0
+        for _ in range(50):
             time.sleep(0.1)
-            now = self.runtime_posts()
-            if now == last:
-                break
+            now = self.runtime_stats()
+            stable = stable + 1 if now == last else 0
             last = now
+            if stable >= 3:
+                break
         return last
 
     def measure(self, s: Scenario, rnd: int, duration: float) -> Run:
@@ -543,7 +553,8 @@ class Bench:
         token = self.secret if s.good_token else self.bad
         srv_pids = t.pids()
         rt_pids = self.runtime.pids() if s.target != "direct" else []
-        posts0 = self.runtime_posts()
+        posts0, marked0 = self.runtime_stats()
+        body = configs.BODY if s.good_token else configs.BODY_REFUSED
         cpu0, rt0, cores0, t0 = (
             cpu_ticks(srv_pids),
             cpu_ticks(rt_pids),
@@ -552,9 +563,9 @@ class Bench:
         )
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
         if s.kind == "wrk":
-            data, flags = self._wrk(t, token, s.expect, duration)
+            data, flags = self._wrk(t, token, body, s.expect, duration)
         else:
-            data, flags = self._rate(t, token, s.expect, duration)
+            data, flags = self._rate(t, token, body, s.expect, duration)
         wall = time.monotonic() - t0
         cpu1, rt1, cores1 = cpu_ticks(srv_pids), cpu_ticks(rt_pids), core_times()
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
@@ -567,7 +578,8 @@ class Bench:
                 for a, b in zip(ru0, ru1, strict=True)
             ),
         }
-        posts = self.settled_posts() - posts0
+        posts, marked = self.settled_stats()
+        posts, marked = posts - posts0, marked - marked0
         run = Run(s.name, rnd, data, flags)
         if not t.proc.alive():
             flags.append(f"{t.name} died (status {t.proc.popen.returncode})")
@@ -577,10 +589,10 @@ class Bench:
         if s.kind == "rate":
             ok = data.get("completed", 0) - data.get("unexpected", 0) if s.expect == 200 else 0
         data["forwarded"] = posts
-        if s.forwards and not ok <= posts <= answered + self.args.connections + 64:
+        if s.forwards and not ok <= posts - marked <= answered + self.args.connections + 64:
             flags.append(f"runtime got {posts} calls for {ok} answered 200")
-        if not s.good_token and posts:
-            flags.append(f"{posts} refused calls reached the runtime")
+        if marked:
+            flags.append(f"{marked} refused calls reached the runtime")
         if answered:
             srv_us = (cpu1 - cpu0) / CLK_TCK * 1e6 / answered
             rt_us = (rt1 - rt0) / CLK_TCK * 1e6 / answered
@@ -624,7 +636,7 @@ class Bench:
         return run
 
     def _wrk(
-        self, t: Target, token: str, expect: int, duration: float
+        self, t: Target, token: str, body: str, expect: int, duration: float
     ) -> tuple[dict[str, Any], list[str]]:
         a = self.args
         secs = max(1, round(duration))
@@ -645,7 +657,7 @@ class Bench:
             "--",
             token,
             str(expect),
-            configs.BODY,
+            body,
         ]
         p = self.h.spawn("wrk", argv, cpu=a.client_cpu, stdout_pipe=True, log_name="wrk.log")
         try:
@@ -683,7 +695,7 @@ class Bench:
         return d, flags
 
     def _rate(
-        self, t: Target, token: str, expect: int, duration: float
+        self, t: Target, token: str, body: str, expect: int, duration: float
     ) -> tuple[dict[str, Any], list[str]]:
         a = self.args
         argv = [
@@ -696,7 +708,7 @@ class Bench:
             "--token",
             token,
             "--body",
-            configs.BODY,
+            body,
             "--expect",
             str(expect),
             "--rate",
@@ -1225,7 +1237,7 @@ def main() -> int:
                     "POST",
                     configs.PATH,
                     {**hdr, "Authorization": f"Bearer {tok}"},
-                    configs.BODY,
+                    configs.BODY if tok == secret else configs.BODY_REFUSED,
                 )
                 mark = "ok" if st == want else f"UNEXPECTED (want {want})"
                 kind = "good" if tok == secret else "bad "

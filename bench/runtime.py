@@ -9,9 +9,10 @@ process on one event loop, so every target shares the same runtime CPU cost.
 It parses requests with httptools (llhttp) on a bare asyncio Protocol, with
 uvloop when importable. It does not look at the body.
 
-`GET /__bench/stats` returns {"posts": N}: the number of POSTs received so
-far. The harness reads it around each scenario to check that valid calls
-were really forwarded and refused ones never were.
+`GET /__bench/stats` returns {"posts": N, "marked": M}: the number of POSTs
+received so far, and of those whose body contained --count-marker. The
+harness reads it around each scenario to check that valid calls were really
+forwarded and refused ones (whose body carries the marker) never were.
 
     python bench/runtime.py --socket /tmp/x/rt.sock --port 18001
 """
@@ -43,6 +44,8 @@ STATS_PATH = b"/__bench/stats"
 
 class Stats:
     posts = 0
+    marked = 0
+    marker = b""
     dumped = 0
     dump_limit = 0
 
@@ -86,6 +89,8 @@ class RuntimeProtocol(asyncio.Protocol):
             self.headers.append((name, value))
 
     def on_body(self, body: bytes) -> None:
+        if Stats.marker and Stats.marker in body:
+            Stats.marked += 1
         if self.body is not None:
             self.body.append(body)
 
@@ -97,7 +102,7 @@ class RuntimeProtocol(asyncio.Protocol):
             Stats.posts += 1
             resp_keep, resp_close = RESP_KEEP, RESP_CLOSE
         elif self.url == STATS_PATH:
-            body = json.dumps({"posts": Stats.posts}).encode()
+            body = json.dumps({"posts": Stats.posts, "marked": Stats.marked}).encode()
             head = (
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                 % len(body)
@@ -165,10 +170,17 @@ def main() -> None:
         metavar="N",
         help="print the first N requests (headers and body) as JSON lines on stderr",
     )
+    ap.add_argument(
+        "--count-marker",
+        default="",
+        metavar="TEXT",
+        help="count the requests whose body contains TEXT (see /__bench/stats)",
+    )
     args = ap.parse_args()
     if not args.socket and args.port is None:
         ap.error("give --socket and/or --port")
     Stats.dump_limit = args.dump
+    Stats.marker = args.count_marker.encode()
     try:
         import uvloop
     except ImportError:
