@@ -55,7 +55,9 @@ class Call:
         self.settings = settings
         self.started = time.perf_counter()
         rid = request.headers.get("X-Request-Id")
-        self.request_id = rid if rid is not None and _REQUEST_ID.fullmatch(rid) else new_request_id()
+        self.request_id = (
+            rid if rid is not None and _REQUEST_ID.fullmatch(rid) else new_request_id()
+        )
         # The resolved client address (see guards/clientip.py): every later guard,
         # the audit log and the upstream X-Forwarded-For use it.
         self.client_ip: str = request.remote or ""
@@ -81,7 +83,12 @@ class Call:
 
 
 class Reject(Exception):
-    """Refuse the request with a SPEC §3 error code. ``message`` never holds secrets."""
+    """Refuse the request with a SPEC §3 error code. ``message`` never holds secrets.
+
+    Raise a new instance every time (module constants are ``partial(Reject, ...)``):
+    re-raising one shared instance chains each new traceback onto the old ones and
+    keeps every request's frames alive — a leak of several KiB per refusal.
+    """
 
     __slots__ = ("code", "headers", "message", "status")
 

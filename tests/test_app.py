@@ -399,3 +399,18 @@ async def test_one_audit_line_per_request_without_secrets_or_messages(sidecar: S
     assert missing["endpoint"] == "other"
     for line in sidecar.audit.lines:
         assert SECRET not in line and "wrong-token" not in line and AGENT_BODY["message"] not in line
+
+
+async def test_refused_and_forwarded_requests_leave_nothing_behind(sidecar: Sidecar) -> None:
+    """Regression: re-raising one shared Reject instance chained every traceback onto
+    it and kept each refused request's frames (and its Call) alive, several KiB each."""
+    import gc
+
+    from sidecar.pipeline import Call
+
+    for _ in range(50):
+        await sidecar.post("/hooks/agent", AGENT_BODY, token="wrong-" + "x" * 40)
+        await sidecar.post("/nowhere", AGENT_BODY)
+        await sidecar.post("/hooks/agent", AGENT_BODY)
+    gc.collect()
+    assert sum(isinstance(o, Call) for o in gc.get_objects()) == 0

@@ -6,13 +6,15 @@ malformed forwarded chain) is never allowed.
 
 from __future__ import annotations
 
+from functools import partial
+
 from functools import lru_cache
 
 from ..config import IPAddress, Settings
 from ..pipeline import Call, Guard, Reject
 from .clientip import in_networks
 
-_NOT_ALLOWED = Reject(403, "ip_not_allowed", "this client address may not call the hooks")
+_NOT_ALLOWED = partial(Reject, 403, "ip_not_allowed", "this client address may not call the hooks")
 
 
 def ip_allowlist(settings: Settings) -> Guard | None:
@@ -28,6 +30,6 @@ def ip_allowlist(settings: Settings) -> Guard | None:
     def guard(call: Call) -> None:
         addr = call.client_addr
         if addr is None or not allowed(addr):
-            raise _NOT_ALLOWED
+            raise _NOT_ALLOWED()
 
     return guard

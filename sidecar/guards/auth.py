@@ -11,6 +11,8 @@ not. Each failure is reported to the lockout.
 
 from __future__ import annotations
 
+from functools import partial
+
 import hmac
 import logging
 import time
@@ -21,7 +23,8 @@ from .lockout import FailureRecorder
 
 log = logging.getLogger("sidecar.auth")
 
-_UNAUTHORIZED = Reject(
+_UNAUTHORIZED = partial(
+    Reject,
     401,
     "unauthorized",
     "missing or invalid bearer token",
@@ -57,7 +60,7 @@ def bearer_auth(settings: Settings, on_failure: FailureRecorder) -> Guard:
                     matched = secret
         if matched is None:
             on_failure(call)
-            raise _UNAUTHORIZED
+            raise _UNAUTHORIZED()
         if not matched.valid_at(clock()):
             log.warning(
                 "token matched secret %r outside its validity window",
@@ -65,7 +68,7 @@ def bearer_auth(settings: Settings, on_failure: FailureRecorder) -> Guard:
                 extra={"requestId": call.request_id, "secretId": matched.id},
             )
             on_failure(call)
-            raise _UNAUTHORIZED
+            raise _UNAUTHORIZED()
         call.secret = matched
 
     return guard

@@ -10,8 +10,11 @@ wrong type, unknown or out of bounds.
 
 from __future__ import annotations
 
+from functools import partial
+
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from ..config import AGENT_NAME, SESSION_KEY, Settings
@@ -23,10 +26,10 @@ FIELDS = {
 }
 IDEMPOTENCY_KEY_MAX = 256
 
-_UNSUPPORTED = Reject(
-    415, "unsupported_media_type", "Content-Type must be application/json (UTF-8)"
+_UNSUPPORTED = partial(
+    Reject, 415, "unsupported_media_type", "Content-Type must be application/json (UTF-8)"
 )
-_TIMEOUT = Reject(408, "request_timeout", "the request body did not arrive in time")
+_TIMEOUT = partial(Reject, 408, "request_timeout", "the request body did not arrive in time")
 
 
 class _DuplicateKey(ValueError):
@@ -123,23 +126,25 @@ def json_body(settings: Settings) -> Guard:
     """Reads and validates the body into ``call.body`` (async: it waits for the bytes)."""
     limits = settings.sidecar.limits
     max_bytes = limits.max_body_bytes
-    too_large = Reject(413, "payload_too_large", f"the body is larger than {max_bytes} bytes")
+    too_large = partial(
+        Reject, 413, "payload_too_large", f"the body is larger than {max_bytes} bytes"
+    )
 
     async def guard(call: Call) -> None:
         request = call.request
         length = request.content_length
         if length is not None and length > max_bytes:
-            raise too_large
+            raise too_large()
         try:
             async with asyncio.timeout(limits.body_timeout):
                 body = await _read_limited(request.content, max_bytes, too_large)
         except TimeoutError:
-            raise _TIMEOUT from None
+            raise _TIMEOUT() from None
         if request.content_type != "application/json":
-            raise _UNSUPPORTED
+            raise _UNSUPPORTED()
         charset = request.charset
         if charset is not None and charset.lower() not in ("utf-8", "utf8"):
-            raise _UNSUPPORTED
+            raise _UNSUPPORTED()
         _check_idempotency_key(call)
         decoded = decode_object(body)
         validate_fields(call.endpoint, decoded, limits.max_message_chars)
@@ -148,7 +153,7 @@ def json_body(settings: Settings) -> Guard:
     return guard
 
 
-async def _read_limited(stream: Any, max_bytes: int, too_large: Reject) -> bytes:
+async def _read_limited(stream: Any, max_bytes: int, too_large: Callable[[], Reject]) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -157,5 +162,5 @@ async def _read_limited(stream: Any, max_bytes: int, too_large: Reject) -> bytes
             return b"".join(chunks)
         size += len(chunk)
         if size > max_bytes:
-            raise too_large
+            raise too_large()
         chunks.append(chunk)

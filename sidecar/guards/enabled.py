@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from ..config import Settings
 from ..pipeline import Call, Guard, Reject
 
-_DISABLED = Reject(503, "webhooks_disabled", "webhooks are disabled in the sidecar's config")
+_DISABLED = partial(
+    Reject, 503, "webhooks_disabled", "webhooks are disabled in the sidecar's config"
+)
 
 
 def webhooks_enabled(settings: Settings) -> Guard | None:
@@ -14,6 +18,6 @@ def webhooks_enabled(settings: Settings) -> Guard | None:
         return None
 
     def guard(call: Call) -> None:
-        raise _DISABLED
+        raise _DISABLED()
 
     return guard

@@ -115,4 +115,3 @@ def failure_recorder(settings: Settings, table: LockoutTable) -> FailureRecorder
         table.record_failure(client_key(call.client_addr, call.client_ip), policy, clock())
 
     return record
-

@@ -8,13 +8,18 @@ logs, browser histories and proxy caches.
 
 from __future__ import annotations
 
+from functools import partial
+
 from ..pipeline import Call, Guard, Reject
 
 ENDPOINTS = {"/hooks/wake": "wake", "/hooks/agent": "agent"}
 
-_NOT_FOUND = Reject(404, "not_found", "no such endpoint; use POST /hooks/wake or /hooks/agent")
-_NOT_POST = Reject(405, "method_not_allowed", "only POST is allowed", {"Allow": "POST"})
-_TOKEN_IN_QUERY = Reject(
+_NOT_FOUND = partial(
+    Reject, 404, "not_found", "no such endpoint; use POST /hooks/wake or /hooks/agent"
+)
+_NOT_POST = partial(Reject, 405, "method_not_allowed", "only POST is allowed", {"Allow": "POST"})
+_TOKEN_IN_QUERY = partial(
+    Reject,
     400,
     "token_in_query",
     "tokens are not accepted in the URL; send Authorization: Bearer <token>",
@@ -27,9 +32,9 @@ def route() -> Guard:
     def guard(call: Call) -> None:
         endpoint = ENDPOINTS.get(call.request.path)
         if endpoint is None:
-            raise _NOT_FOUND
+            raise _NOT_FOUND()
         if call.request.method != "POST":
-            raise _NOT_POST
+            raise _NOT_POST()
         call.endpoint = endpoint
 
     return guard
@@ -42,6 +47,6 @@ def no_token_in_query() -> Guard:
         if call.request.query_string:
             query = call.request.query
             if "token" in query or "access_token" in query:
-                raise _TOKEN_IN_QUERY
+                raise _TOKEN_IN_QUERY()
 
     return guard
