@@ -1141,27 +1141,37 @@ class Gateway:
             raise RuntimeError(f"unexpected status {status} from the token probe")
         return status == 404
 
-    def reload_count(self) -> int:
-        return sum(1 for m in self.log_messages() if m.startswith("config hot reload applied"))
-
     def update_config(
         self, mutate: Callable[[dict[str, Any]], None], timeout: float = 15.0
     ) -> float:
         """Rewrite the config through ``mutate`` and wait for the hot reload.
 
         Returns the seconds from the write until the gateway logged
-        ``config hot reload applied``.
+        ``config hot reload applied``; raises ValueError when it logged
+        ``config reload skipped (invalid config)`` instead (it then keeps the
+        old config). Changes that need a restart are not supported here.
         """
         config = json.loads(self.config_path.read_text())
         mutate(config)
-        before = self.reload_count()
+
+        def outcomes() -> tuple[int, list[str]]:
+            messages = self.log_messages()
+            applied = sum(1 for m in messages if m.startswith("config hot reload applied"))
+            return applied, [m for m in messages if m.startswith("config reload skipped")]
+
+        applied_before, skipped_before = outcomes()
         started = time.monotonic()
         self.write_config(config)
-        while self.reload_count() <= before:
+        while True:
+            applied, skipped = outcomes()
+            if applied > applied_before:
+                return time.monotonic() - started
+            if len(skipped) > len(skipped_before):
+                # The gateway keeps running on its previous config.
+                raise ValueError(f"the gateway refused the new config: {skipped[-1]}")
             if time.monotonic() - started > timeout:
                 raise TimeoutError(f"no hot reload within {timeout}s:\n{self.log_tail(20)}")
             time.sleep(0.02)
-        return time.monotonic() - started
 
     def set_hooks_token(self, token: str, timeout: float = 15.0) -> float:
         """Rotate ``hooks.token`` without a restart; returns the seconds it took.

@@ -558,3 +558,15 @@ async def test_failed_auth_throttle_and_reset(gateway: ocg.Gateway) -> None:
     assert (await raw_post(gateway, "/hooks/wake", wake_body())).status == 200
     again = await raw_post(gateway, "/hooks/wake", wake_body(), wrong, auth=False)
     assert again.status == 401
+
+
+def test_invalid_config_reload_is_refused_and_old_config_kept(gateway: ocg.Gateway) -> None:
+    def break_hooks(config: dict[str, Any]) -> None:
+        config["hooks"]["bogus"] = 1  # hooks accepts no unknown keys
+        config["hooks"]["token"] = "never-applied-" + "x" * 40
+
+    with pytest.raises(ValueError, match='Unrecognized key: "bogus"'):
+        gateway.update_config(break_hooks)
+    assert gateway.is_running()
+    assert gateway.token_accepted(gateway.hooks_token)
+    gateway.write_config(gateway.build_config())  # a valid file again for later readers
