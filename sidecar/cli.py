@@ -1,0 +1,143 @@
+"""``webhook-sidecar``: commands -> settings -> run (SPEC §1).
+
+Exit codes: 0 success (also after a SIGTERM drain); 2 bad config, missing or
+unreadable config file, bad arguments, or ``check-config --strict`` with
+warnings; 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import config
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+CONFIG_ENV = "WEBHOOK_SIDECAR_CONFIG"
+
+
+def gen_secret() -> str:
+    """32 random bytes as 64 hex characters, like ``openssl rand -hex 32``."""
+    return secrets.token_hex(32)
+
+
+def _config_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    value = args.config or os.environ.get(CONFIG_ENV)
+    if not value:
+        parser.error(f"the config file is required: -c FILE or env {CONFIG_ENV}")
+    return Path(value)
+
+
+def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .server import run
+
+    return run(_config_path(args, parser))
+
+
+def cmd_check_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    path = _config_path(args, parser)
+    try:
+        settings = config.load(path)
+    except config.ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}")
+        return EXIT_CONFIG
+    warnings = config.security_warnings(settings)
+    for warning in warnings:
+        print(f"warning: {warning}")
+    if warnings and args.strict:
+        return EXIT_CONFIG
+    print(f"{path}: valid" + (f", {len(warnings)} warning(s)" if warnings else ""))
+    return EXIT_OK
+
+
+def cmd_gen_secret(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    print(gen_secret())
+    return EXIT_OK
+
+
+def cmd_gen_cert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .certs import write_demo_pki
+
+    try:
+        written = write_demo_pki(Path(args.out), args.host or ["localhost", "127.0.0.1"])
+    except OSError as exc:
+        print(f"gen-cert: cannot write to {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    for path in written:
+        print(path)
+    return EXIT_OK
+
+
+def cmd_dev_runtime(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .devruntime import run
+
+    return run(args.socket)
+
+
+def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .demo import run
+
+    return run(args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="webhook-sidecar",
+        description="Security sidecar in front of AI agent runtimes: authenticates, "
+        "filters and rate-limits webhook calls, then forwards them to the runtime.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, func: object) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("run", "serve the hooks", cmd_run)
+    p.add_argument("-c", "--config", help=f"config file (JSON5); default: env {CONFIG_ENV}")
+    p = add("check-config", "validate a config and print security warnings", cmd_check_config)
+    p.add_argument("-c", "--config", help=f"config file (JSON5); default: env {CONFIG_ENV}")
+    p.add_argument("--strict", action="store_true", help="fail (exit 2) on warnings too")
+    add("gen-secret", "print a fresh random secret (64 hex characters)", cmd_gen_secret)
+    p = add("gen-cert", "write a throwaway CA, server and client certificates", cmd_gen_cert)
+    p.add_argument("--out", required=True, help="folder to write the PEM files to")
+    p.add_argument("--host", action="append", help="name or address the server certificate covers")
+    p = add("demo", "run the reference runtime and the sidecar with a fresh secret", cmd_demo)
+    p.add_argument("--port", type=int, default=8080, help="public port (default 8080)")
+    p = add("dev-runtime", "run the reference runtime alone on a Unix socket", cmd_dev_runtime)
+    p.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args, parser))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def curl_examples(base_url: str, secret: str) -> list[str]:
+    """The seed's calls, ready to paste."""
+    auth = shlex.quote(f"Authorization: Bearer {secret}")
+    json_type = "'Content-Type: application/json'"
+
+    def curl(path: str, body: str) -> str:
+        return f"curl -sS -X POST {base_url}{path} -H {auth} -H {json_type} -d {shlex.quote(body)}"
+
+    return [
+        curl("/hooks/wake", '{"agent": "my-agent"}'),
+        curl("/hooks/agent", '{"agent": "my-agent", "message": "Deployed v1.2.3 to production, check the service"}'),
+        curl(
+            "/hooks/agent",
+            '{"agent": "my-agent", "message": "Order 1234 failed to ship", "sessionKey": "order-1234"}',
+        ),
+    ]
+

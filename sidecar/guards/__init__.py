@@ -1,0 +1,1 @@
+"""One security control per module. :mod:`sidecar.app` puts them in order."""

@@ -1,0 +1,161 @@
+"""Request body: size, arrival time, media type, JSON syntax and the fields of each hook.
+
+In SPEC §3 order: 413 from ``Content-Length`` before a byte is read (and while
+reading a chunked body), 408 when the body does not arrive within
+``limits.bodyTimeout``, 415 unless ``application/json`` in UTF-8, 400
+``invalid_json`` unless one JSON object without duplicate keys, NaN or
+Infinity, 400 ``invalid_request`` naming the field that is missing, of the
+wrong type, unknown or out of bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from ..config import AGENT_NAME, SESSION_KEY, Settings
+from ..pipeline import Call, Guard, Reject
+
+FIELDS = {
+    "wake": {"agent": True, "sessionKey": False},
+    "agent": {"agent": True, "message": True, "sessionKey": False},
+}
+IDEMPOTENCY_KEY_MAX = 256
+
+_UNSUPPORTED = Reject(
+    415, "unsupported_media_type", "Content-Type must be application/json (UTF-8)"
+)
+_TIMEOUT = Reject(408, "request_timeout", "the request body did not arrive in time")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKey("duplicate key")
+    return obj
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode_object(body: bytes) -> dict[str, Any]:
+    """One JSON object from UTF-8 bytes, or ``Reject(400, invalid_json)``."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _invalid_json("the body is not valid UTF-8") from None
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_object, parse_constant=_no_constants)
+    except _DuplicateKey:
+        raise _invalid_json("the body has a duplicate key") from None
+    except RecursionError:
+        raise _invalid_json("the body is nested too deeply") from None
+    except ValueError:  # JSONDecodeError, NaN/Infinity, over-long integers
+        raise _invalid_json("the body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise _invalid_json("the body must be a JSON object")
+    return value
+
+
+def _invalid_json(message: str) -> Reject:
+    return Reject(400, "invalid_json", message)
+
+
+def invalid_request(message: str) -> Reject:
+    return Reject(400, "invalid_request", message)
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates such as "\ud800"
+        return False
+    return True
+
+
+def validate_fields(endpoint: str, body: dict[str, Any], max_message_chars: int) -> None:
+    """Raise ``invalid_request`` naming the first field that is not as the hook expects."""
+    fields = FIELDS[endpoint]
+    for key in body:
+        if key not in fields:
+            raise invalid_request(f"unknown field {key[:64]!r} for /hooks/{endpoint}")
+    for key, required in fields.items():
+        if required and key not in body:
+            raise invalid_request(f"field {key!r} is required")
+    agent = body["agent"]
+    if not isinstance(agent, str) or not AGENT_NAME.fullmatch(agent):
+        raise invalid_request("field 'agent' must be an agent name string")
+    if "message" in fields:
+        message = body["message"]
+        if not isinstance(message, str) or not message.strip():
+            raise invalid_request("field 'message' must be a non-empty string")
+        if len(message) > max_message_chars:
+            raise invalid_request(f"field 'message' is longer than {max_message_chars} characters")
+        if not _valid_unicode(message):
+            raise invalid_request("field 'message' is not valid Unicode")
+    session = body.get("sessionKey")
+    if session is not None and (not isinstance(session, str) or not SESSION_KEY.fullmatch(session)):
+        raise invalid_request(
+            "field 'sessionKey' must be a string matching [A-Za-z0-9][A-Za-z0-9._:@-]{0,127}"
+        )
+
+
+def _check_idempotency_key(call: Call) -> None:
+    keys = call.request.headers.getall("Idempotency-Key", ())
+    if not keys:
+        return
+    if len(keys) > 1:
+        raise invalid_request("header 'Idempotency-Key' must appear at most once")
+    key = keys[0]
+    if not 0 < len(key) <= IDEMPOTENCY_KEY_MAX or not key.isascii() or not key.isprintable():
+        raise invalid_request(
+            f"header 'Idempotency-Key' must be 1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters"
+        )
+
+
+def json_body(settings: Settings) -> Guard:
+    """Reads and validates the body into ``call.body`` (async: it waits for the bytes)."""
+    limits = settings.sidecar.limits
+    max_bytes = limits.max_body_bytes
+    too_large = Reject(413, "payload_too_large", f"the body is larger than {max_bytes} bytes")
+
+    async def guard(call: Call) -> None:
+        request = call.request
+        length = request.content_length
+        if length is not None and length > max_bytes:
+            raise too_large
+        try:
+            async with asyncio.timeout(limits.body_timeout):
+                body = await _read_limited(request.content, max_bytes, too_large)
+        except TimeoutError:
+            raise _TIMEOUT from None
+        if request.content_type != "application/json":
+            raise _UNSUPPORTED
+        charset = request.charset
+        if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+            raise _UNSUPPORTED
+        _check_idempotency_key(call)
+        decoded = decode_object(body)
+        validate_fields(call.endpoint, decoded, limits.max_message_chars)
+        call.body = decoded
+
+    return guard
+
+
+async def _read_limited(stream: Any, max_bytes: int, too_large: Reject) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await stream.readany()
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)

@@ -1,0 +1,47 @@
+"""Routing: only ``POST /hooks/wake`` and ``POST /hooks/agent`` exist, matched exactly.
+
+The decoded path is compared with the two canonical paths and nothing else: a
+trailing slash, a doubled slash or a case variant is 404, never a near match.
+Tokens in the query string are refused outright, because URLs end up in access
+logs, browser histories and proxy caches.
+"""
+
+from __future__ import annotations
+
+from ..pipeline import Call, Guard, Reject
+
+ENDPOINTS = {"/hooks/wake": "wake", "/hooks/agent": "agent"}
+
+_NOT_FOUND = Reject(404, "not_found", "no such endpoint; use POST /hooks/wake or /hooks/agent")
+_NOT_POST = Reject(405, "method_not_allowed", "only POST is allowed", {"Allow": "POST"})
+_TOKEN_IN_QUERY = Reject(
+    400,
+    "token_in_query",
+    "tokens are not accepted in the URL; send Authorization: Bearer <token>",
+)
+
+
+def route() -> Guard:
+    """404 for any path but the two hooks, 405 for any method but POST; sets ``endpoint``."""
+
+    def guard(call: Call) -> None:
+        endpoint = ENDPOINTS.get(call.request.path)
+        if endpoint is None:
+            raise _NOT_FOUND
+        if call.request.method != "POST":
+            raise _NOT_POST
+        call.endpoint = endpoint
+
+    return guard
+
+
+def no_token_in_query() -> Guard:
+    """400 when the query string carries ``token`` or ``access_token``."""
+
+    def guard(call: Call) -> None:
+        if call.request.query_string:
+            query = call.request.query
+            if "token" in query or "access_token" in query:
+                raise _TOKEN_IN_QUERY
+
+    return guard

@@ -1,0 +1,1 @@
+"""Forwarders to the agent runtime, one per ``upstream.protocol``, over one pooled client."""

@@ -1,0 +1,246 @@
+"""Shared fixtures: a real reference runtime on a real Unix socket, configs on disk,
+and the sidecar's public app driven over real loopback sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from sidecar import config, devruntime
+from sidecar.app import State, create_app
+from sidecar.logs import AuditLog
+from sidecar.metrics import Metrics
+
+SECRET = "8f3a1c2e9b7d4f6a0c5e8b1d3f7a9c2e4b6d8f0a1c3e5b7d9f2a4c6e8b0d1f3a"
+OTHER_SECRET = "1b3d5f7a9c0e2a4c6e8b0d2f4a6c8e0b1d3f5a7c9e2b4d6f8a0c1e3b5d7f9a2c"
+AGENT = "my-agent"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short folder for Unix sockets (paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="whs-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def base_doc(socket_path: str | Path, **sidecar: Any) -> dict[str, Any]:
+    """A minimal valid config document; tests change what they are about."""
+    return {
+        "webhooks": {
+            "enabled": True,
+            "secret": {"env": "TEST_WEBHOOK_SECRET"},
+            "agents": {AGENT: {"sessionKey": "webhook-session"}},
+        },
+        "sidecar": {"upstream": {"socket": str(socket_path)}, **sidecar},
+    }
+
+
+def write_config(folder: Path, doc: dict[str, Any]) -> Path:
+    path = folder / "config.json5"
+    path.write_text(json.dumps(doc, indent=2))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_WEBHOOK_SECRET", SECRET)
+
+
+class ListWriter:
+    """Collects the lines the audit log would write to stderr."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, line: str) -> None:
+        self.lines.append(line)
+
+    def entries(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines]
+
+
+class Runtime:
+    """The reference runtime on a real Unix socket, remembering every call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.calls: list[dict[str, Any]] = []
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        self.runner = await devruntime.start(str(self.path), self.calls.append)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+@pytest.fixture
+async def runtime(short_tmp: Path) -> AsyncIterator[Runtime]:
+    rt = Runtime(short_tmp / "rt.sock")
+    await rt.start()
+    yield rt
+    await rt.stop()
+
+
+class Sidecar:
+    """A sidecar public app on a real loopback port, with its state, audit lines and metrics."""
+
+    def __init__(self, client: Any, state: State, audit: ListWriter) -> None:
+        self.client = client
+        self.state = state
+        self.audit = audit
+
+    async def post(
+        self,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = SECRET,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+        content_type: str | None = "application/json",
+    ) -> tuple[int, Any, Any]:
+        """POST and return (status, headers, parsed JSON body)."""
+        h: dict[str, str] = {}
+        if token is not None:
+            h["Authorization"] = f"Bearer {token}"
+        if content_type is not None:
+            h["Content-Type"] = content_type
+        h.update(headers or {})
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
+        async with self.client.post(path, data=data, headers=h) as resp:
+            text = await resp.text()
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                parsed = text
+            return resp.status, resp.headers, parsed
+
+
+@pytest.fixture
+async def make_sidecar(
+    aiohttp_client: Any, short_tmp: Path
+) -> Callable[[dict[str, Any]], Any]:
+    """Build a sidecar from a config document, loaded from a file like in production."""
+
+    async def make(doc: dict[str, Any], now: float | None = None) -> Sidecar:
+        settings = config.load(write_config(short_tmp, doc), now=now)
+        audit = ListWriter()
+        state = State(settings, Metrics(), AuditLog(audit))  # type: ignore[arg-type]
+        client = await aiohttp_client(create_app(state))
+        return Sidecar(client, state, audit)
+
+    return make
+
+
+@pytest.fixture
+async def sidecar(make_sidecar: Any, runtime: Runtime) -> Sidecar:
+    """The default sidecar in front of the reference runtime."""
+    return await make_sidecar(base_doc(runtime.path))
+
+
+
+class SidecarProcess:
+    """``webhook-sidecar run`` as a real child process, its stderr collected line by line."""
+
+    def __init__(self, config_path: Path, admin_port: int, env: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.admin_port = admin_port
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    def start(self, timeout: float = 15.0) -> SidecarProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "-c", str(self.config_path)],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=self.env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited {self.proc.returncode}: {self.output()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/healthz", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"sidecar not healthy in {timeout}s: {self.output()}")
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        return "\n".join(self.lines[-50:])
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        return code
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.wait()
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.wait()
+
+
+@pytest.fixture
+def sidecar_process() -> Iterator[Callable[..., SidecarProcess]]:
+    """Start real sidecar processes; every one is stopped at the end of the test."""
+    started: list[SidecarProcess] = []
+
+    def start(config_path: Path, admin_port: int, env: dict[str, str] | None = None) -> SidecarProcess:
+        proc = SidecarProcess(config_path, admin_port, env)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
