@@ -28,7 +28,8 @@ from .logs import AuditLog
 from .metrics import Metrics
 from .pipeline import Call, Guard, Reject
 from .responses import INTERNAL_ERROR, error_response, ok_response
-from .upstream.forward import Forwarder, make_pool
+from .upstream import make_forwarder, make_pool
+from .upstream.base import BaseForwarder
 from .upstream.pool import Pool
 
 log = logging.getLogger("sidecar")
@@ -59,7 +60,7 @@ class Runtime:
 
     settings: Settings
     guards: tuple[Guard, ...]
-    forward: Forwarder
+    forward: BaseForwarder
 
 
 class State:
@@ -86,7 +87,8 @@ class State:
             if previous is not None:
                 previous.close()  # idle connections only; calls in flight finish on theirs
         guards = tuple(pipeline(settings, self))
-        self.runtime = Runtime(settings, guards, Forwarder(settings, self.pool))
+        forward = make_forwarder(settings, self.pool, old.forward if old is not None else None)
+        self.runtime = Runtime(settings, guards, forward)
         self.metrics.configure(settings)
 
     def close(self) -> None:

@@ -38,6 +38,10 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 DEFAULT_UPSTREAM_SOCKET = "/run/agent/hooks.sock"
 DEFAULT_MIN_SECRET_LENGTH = 32
+# The OpenClaw gateway refuses bodies over 256 KiB (413). What the sidecar sends it
+# is the client's message plus at most ~400 bytes of fields it adds.
+OPENCLAW_MAX_BODY_BYTES = 262_144
+OPENCLAW_BODY_HEADROOM = 1024
 # A secret with fewer distinct characters than this is a pattern, not a secret.
 _MIN_DISTINCT_SECRET_CHARS = 6
 
@@ -790,6 +794,14 @@ def security_warnings(settings: Settings, *, now: float | None = None) -> list[s
     up = s.upstream
     if up.url is not None and not ipaddress.ip_address(_resolve_host(up.host)).is_loopback:
         out.append(f"sidecar.upstream.url: {up.host} is not a loopback address")
+    if up.protocol == "openclaw" and (
+        s.limits.max_body_bytes > OPENCLAW_MAX_BODY_BYTES - OPENCLAW_BODY_HEADROOM
+    ):
+        out.append(
+            f"sidecar.limits.maxBodyBytes: {s.limits.max_body_bytes} is above what the OpenClaw "
+            f"gateway accepts ({OPENCLAW_MAX_BODY_BYTES} bytes, less "
+            f"{OPENCLAW_BODY_HEADROOM} for the fields the sidecar adds); larger calls get 502"
+        )
     if s.min_secret_length < DEFAULT_MIN_SECRET_LENGTH:
         out.append(f"sidecar.minSecretLength: {s.min_secret_length} is below the recommended 32")
     if not settings.webhooks.enabled:

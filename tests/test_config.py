@@ -253,3 +253,20 @@ def test_openclaw_defaults_to_a_20s_timeout() -> None:
     doc = {**minimal(), "sidecar": {"upstream": {"url": "http://127.0.0.1:18789", "protocol": "openclaw", "token": "gw-token"}}}
     up = loads(json.dumps(doc)).sidecar.upstream
     assert (up.timeout, up.host, up.port, up.socket) == (20.0, "127.0.0.1", 18789, None)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "max_body", "warned"),
+    [("openclaw", 262_144, True), ("openclaw", 261_120, False), ("forward", 1_000_000, False)],
+)
+def test_body_limit_above_the_openclaw_gateways_cap_is_a_warning(
+    protocol: str, max_body: int, warned: bool
+) -> None:
+    doc = minimal()
+    doc["sidecar"] = {
+        "upstream": {"url": "http://127.0.0.1:18789", "protocol": protocol, "token": OTHER_SECRET},
+        "limits": {"maxBodyBytes": max_body},
+    }
+    found = [w for w in config.security_warnings(loads(json.dumps(doc))) if "maxBodyBytes" in w]
+    assert len(found) == int(warned)
+    assert all("262144" in w and OTHER_SECRET not in w for w in found)

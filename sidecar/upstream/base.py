@@ -1,0 +1,121 @@
+"""What every forwarder shares: one exchange with the runtime under ``upstream.timeout``,
+transport failures mapped to SPEC §3 codes, and the small helpers for building
+requests and reading replies.
+
+A forwarder turns a validated :class:`~sidecar.pipeline.Call` into request bytes
+(``build``), sends them through the pool (``send``) and maps the reply (``reply``)
+to a runId or a :class:`~sidecar.pipeline.Reject`. Each protocol module
+(``forward``, ``openclaw``) supplies ``build`` and ``reply``; the transport side
+is the same for both: no reply within the timeout is 504, no connection is 503,
+an unparseable reply is 502.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from ..config import Settings
+from ..pipeline import Call, Reject
+from .pool import Pool, Response, UpstreamConnectError, UpstreamProtocolError
+
+log = logging.getLogger("sidecar.upstream")
+
+RETRY_AFTER_UNREACHABLE = "5"
+UPSTREAM_TIMEOUT_MESSAGE = "the agent runtime did not answer in time"
+_MAX_RUN_ID = 256
+
+
+def unavailable(message: str, retry_after: str = RETRY_AFTER_UNREACHABLE) -> Reject:
+    return Reject(503, "upstream_unavailable", message, {"Retry-After": retry_after})
+
+
+def retry_after_of(response: Response) -> str:
+    """The runtime's Retry-After if it is delta-seconds, else our default."""
+    value = response.headers.get(b"retry-after", b"").strip()
+    if value.isdigit() and len(value) <= 6:
+        return value.decode()
+    return RETRY_AFTER_UNREACHABLE
+
+
+def json_object_of(response: Response) -> dict[str, object] | None:
+    """The reply body as a JSON object, or None when it is not one."""
+    if not response.body:
+        return None
+    try:
+        body = json.loads(response.body)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def run_id_of(response: Response) -> str | None:
+    """A string ``runId`` from a JSON object reply, if there is one."""
+    body = json_object_of(response)
+    run_id = body.get("runId") if body is not None else None
+    if isinstance(run_id, str) and 0 < len(run_id) <= _MAX_RUN_ID:
+        return run_id
+    return None
+
+
+def request_bytes(
+    path: str, host: str, headers: list[tuple[str, str]], body: bytes, method: str = "POST"
+) -> bytes:
+    head = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
+    head += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+def header_value(value: bytes) -> str:
+    """``value`` as a header value; refuses CR/LF/NUL, which would split or end headers."""
+    if any(c in value for c in b"\r\n\0"):
+        raise ValueError("header value contains a line break")
+    return value.decode("latin-1")
+
+
+def idempotency_key(call: Call) -> list[tuple[str, str]]:
+    """The client's ``Idempotency-Key`` header (validated by the body guard), if it sent one."""
+    key = call.request.headers.get("Idempotency-Key")
+    return [] if key is None else [("Idempotency-Key", key)]
+
+
+class BaseForwarder:
+    """Sends a validated call to the runtime and returns its runId, or raises a Reject.
+
+    Subclasses say what the runtime receives (``build``) and what its replies mean
+    (``reply``); sending, timeouts and transport failures are handled here.
+    """
+
+    def __init__(self, settings: Settings, pool: Pool) -> None:
+        upstream = settings.sidecar.upstream
+        self.pool = pool
+        self.timeout = upstream.timeout
+        self.host = upstream.host if upstream.url else "localhost"
+
+    def build(self, call: Call) -> bytes:
+        raise NotImplementedError
+
+    def reply(self, call: Call, response: Response) -> str | None:
+        raise NotImplementedError
+
+    async def __call__(self, call: Call) -> str | None:
+        return self.reply(call, await self.send(self.build(call)))
+
+    async def send(self, raw: bytes) -> Response:
+        """One exchange with the runtime under ``upstream.timeout``, failures as Rejects."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self.pool.request(raw)
+        except TimeoutError:
+            raise Reject(504, "upstream_timeout", UPSTREAM_TIMEOUT_MESSAGE) from None
+        except UpstreamConnectError as exc:
+            log.warning("runtime unreachable: %s", exc)
+            raise unavailable("the agent runtime is not reachable") from None
+        except UpstreamProtocolError as exc:
+            log.warning("runtime reply unusable: %s", exc)
+            raise Reject(502, "upstream_error", "the agent runtime sent an invalid reply") from None
+
+    async def probe(self) -> None:
+        """Raises UpstreamConnectError unless the runtime accepts a connection."""
+        await self.pool.probe()
