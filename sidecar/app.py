@@ -80,15 +80,26 @@ class State:
         return self.runtime.settings if self.runtime is not None else self._initial
 
     def apply(self, settings: Settings) -> None:
-        """Build and swap in the runtime for ``settings`` (needs the running loop)."""
+        """Build and swap in the runtime for ``settings`` (needs the running loop).
+
+        All or nothing: everything is built first, then swapped in one assignment,
+        so a failure leaves the running runtime and its pool untouched."""
         old = self.runtime
-        if self.pool is None or old is None or _endpoint(old.settings) != _endpoint(settings):
-            previous, self.pool = self.pool, make_pool(settings)
-            if previous is not None:
-                previous.close()  # idle connections only; calls in flight finish on theirs
-        guards = tuple(pipeline(settings, self))
-        forward = make_forwarder(settings, self.pool, old.forward if old is not None else None)
-        self.runtime = Runtime(settings, guards, forward)
+        pool = self.pool
+        fresh = pool is None or old is None or _endpoint(old.settings) != _endpoint(settings)
+        if fresh:
+            pool = make_pool(settings)
+        assert pool is not None
+        try:
+            guards = tuple(pipeline(settings, self))
+            forward = make_forwarder(settings, pool, old.forward if old is not None else None)
+        except BaseException:
+            if fresh:
+                pool.close()
+            raise
+        previous, self.pool, self.runtime = self.pool, pool, Runtime(settings, guards, forward)
+        if fresh and previous is not None:
+            previous.close()  # idle connections only; calls in flight finish on theirs
         self.metrics.configure(settings)
 
     def close(self) -> None:

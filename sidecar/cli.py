@@ -69,6 +69,9 @@ def cmd_gen_cert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     except OSError as exc:
         print(f"gen-cert: cannot write to {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except ValueError as exc:  # a --host that is neither a DNS name nor an address
+        print(f"gen-cert: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     for path in written:
         print(path)
     return EXIT_OK

@@ -16,7 +16,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import json5
 
+from . import tls
 from .secrets import Secret, SecretSource, SecretSourceError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -104,6 +105,7 @@ class Tls:
     key_file: Path
     client_ca_file: Path | None = None
     min_version: str = "1.2"
+    not_after: float = math.inf  # when the certificate expires (checked when loaded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +258,8 @@ def parse_listen(value: str) -> Listen:
 
 def parse_network(value: str) -> IPNetwork:
     """A CIDR or a single address; IPv4-mapped IPv6 networks count as IPv4."""
+    if "%" in value:  # a zone id names a local interface; client addresses never carry one
+        raise ValueError("IPv6 zone ids are not allowed")
     net = ipaddress.ip_network(value.strip(), strict=False)
     if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped is not None:
         mapped = net.network_address.ipv4_mapped
@@ -483,6 +487,8 @@ class _Builder:
         tls = self.tls(doc["tls"]) if "tls" in doc else None
         upstream = self.upstream(doc.get("upstream", {}))
         allow = self.field(p, doc, "allowIps", _networks, None)
+        if allow == ():
+            self.bad("sidecar.allowIps", "must list at least one network (omit it to allow any address)")
         no_proxies: tuple[IPNetwork, ...] = ()
         trusted = self.field(p, doc, "trustedProxies", _networks, no_proxies)
         rate = self.rate_limits(doc.get("rateLimit", {}))
@@ -511,9 +517,15 @@ class _Builder:
         key = self.field(p, doc, "keyFile", self.readable_file)
         ca = self.field(p, doc, "clientCaFile", self.readable_file, None)
         version = self.field(p, doc, "minVersion", _choice("1.2", "1.3"), "1.2")
-        if cert is None or key is None:
+        if cert is None or key is None or (ca is None and "clientCaFile" in doc):
             return None
-        return Tls(cert, key, ca, version)
+        settings = Tls(cert, key, ca, version)
+        try:  # the files must work together, not only exist: a key that fits, a CA that parses
+            loaded = tls.load(settings, now=self.now)
+        except tls.TlsError as exc:
+            self.bad(p, str(exc))
+            return None
+        return replace(settings, not_after=loaded.not_after)
 
     def upstream(self, value: object) -> Upstream | None:
         p = "sidecar.upstream"
@@ -760,6 +772,9 @@ def _backend(value: object) -> str:
 # --------------------------------------------------------------------------- warnings
 
 
+SOON = 7 * 86400  # warn about secrets and certificates that expire within a week
+
+
 def security_warnings(settings: Settings, *, now: float | None = None) -> list[str]:
     """What a security reviewer would flag in a valid config, one line each."""
     now = time.time() if now is None else now
@@ -783,7 +798,11 @@ def security_warnings(settings: Settings, *, now: float | None = None) -> list[s
                 "set sessionKeyPrefixes or allowRequestSessionKey: false"
             )
     for secret in settings.webhooks.secrets:
-        if secret.not_after is not None and now < secret.not_after < now + 7 * 86400:
+        if secret.not_after is None:
+            continue
+        if secret.not_after <= now:
+            out.append(f"webhooks.secrets: secret {secret.id!r} has expired; remove it")
+        elif secret.not_after < now + SOON:
             days = (secret.not_after - now) / 86400
             out.append(f"webhooks.secrets: secret {secret.id!r} expires in {days:.1f} days")
     for secret_id in settings.inline_secrets:
@@ -791,6 +810,13 @@ def security_warnings(settings: Settings, *, now: float | None = None) -> list[s
             f"webhooks: secret {secret_id!r} is written in the config file; "
             "prefer {file: ...} or {env: ...}"
         )
+    if s.upstream.token is not None and s.upstream.token.source.kind == "value":
+        out.append(
+            "sidecar.upstream.token: written in the config file; prefer {file: ...} or {env: ...}"
+        )
+    if s.tls is not None and s.tls.not_after < now + SOON:
+        days = (s.tls.not_after - now) / 86400
+        out.append(f"sidecar.tls.certFile: the certificate expires in {days:.1f} days")
     up = s.upstream
     if up.url is not None and not ipaddress.ip_address(_resolve_host(up.host)).is_loopback:
         out.append(f"sidecar.upstream.url: {up.host} is not a loopback address")

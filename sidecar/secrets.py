@@ -7,8 +7,12 @@ printed (repr, str, error messages) shows the id and the source, never the value
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
-from pathlib import Path
+
+# Far above any real secret or token; a path pointing at /dev/zero or a log file
+# must fail the load, not fill memory.
+MAX_SECRET_FILE_BYTES = 64 * 1024
 
 
 class SecretSourceError(ValueError):
@@ -31,14 +35,11 @@ class SecretSource:
             assert inline is not None
             return inline.encode()
         if self.kind == "env":
-            value = os.environ.get(self.where)
+            value = os.environb.get(os.fsencode(self.where))  # the bytes, whatever the locale
             if value is None:
                 raise SecretSourceError(f"environment variable {self.where} is not set")
-            return value.encode()
-        try:
-            data = Path(self.where).read_bytes()
-        except OSError as exc:
-            raise SecretSourceError(f"cannot read {self.where}: {exc.strerror}") from None
+            return value
+        data = read_small_file(self.where)
         if data.endswith(b"\r\n"):
             return data[:-2]
         if data.endswith(b"\n"):
@@ -46,7 +47,29 @@ class SecretSource:
         return data
 
 
-@dataclass(frozen=True, slots=True)
+def read_small_file(path: str, limit: int = MAX_SECRET_FILE_BYTES) -> bytes:
+    """A regular file's bytes, at most ``limit``. Opened non-blocking, so a FIFO at
+    the path is refused instead of hanging a reload until someone writes to it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SecretSourceError(f"cannot read {path}: not a regular file")
+            data = b""
+            while len(data) <= limit and (chunk := os.read(fd, limit + 1 - len(data))):
+                data += chunk
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise SecretSourceError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise SecretSourceError(f"cannot read {path}: larger than {limit} bytes")
+    return data
+
+
+# eq=False: no value-based ``==`` that could end up comparing secrets in variable
+# time; config compares values with hmac.compare_digest where it must.
+@dataclass(frozen=True, slots=True, eq=False)
 class Secret:
     """One bearer secret with its id, validity window and optional agent scope."""
 

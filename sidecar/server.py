@@ -10,16 +10,16 @@ import asyncio
 import contextlib
 import logging
 import signal
-import ssl
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
-from . import config, logs
+from . import config, logs, tls
 from .admin import create_admin_app
 from .app import State, create_app
 from .metrics import Metrics
+from .reload import POLL_INTERVAL, Reloader
 
 log = logging.getLogger("sidecar")
 
@@ -34,26 +34,29 @@ def install_uvloop() -> bool:
     return True
 
 
-def tls_context(tls: config.Tls) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(tls.cert_file, tls.key_file)
-    if tls.client_ca_file is not None:
-        ctx.load_verify_locations(tls.client_ca_file)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
 class Server:
     """The running sidecar: one public and one admin listener over a shared :class:`State`."""
 
-    def __init__(self, settings: config.Settings, audit: logs.AuditLog, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: config.Settings,
+        audit: logs.AuditLog,
+        metrics: Metrics,
+        *,
+        watch_interval: float = POLL_INTERVAL,
+    ) -> None:
         self.state = State(settings, metrics, audit)
         self.path = settings.path
         self._stop = asyncio.Event()
-        self._reloading = asyncio.Lock()
+        self._tasks: set[asyncio.Task[bool]] = set()
+        s = settings.sidecar
+        # Built here, so a bad certificate fails before anything listens (raises TlsError).
+        self.tls = tls.ServingTls(tls.load(s.tls)) if s.tls is not None else None
+        self.reloader = Reloader(self.state, self.path, self.tls)
+        public = create_app(self.state)
+        public.cleanup_ctx.append(self.reloader.watching(watch_interval))
         self._public = web.AppRunner(
-            create_app(self.state),
+            public,
             access_log=None,
             handler_cancellation=False,  # a client hanging up must not abort a forwarded call
             # aiohttp arms this timer when a connection opens and after each response,
@@ -68,9 +71,13 @@ class Server:
     async def start(self) -> None:
         settings = self.state.settings
         s = settings.sidecar
+        if self.tls is not None:
+            self.state.metrics.tls_cert_not_after.set(self.tls.not_after)
+        else:  # no certificate: no gauge, rather than a 0 that "expired in 1970" alerts fire on
+            self.state.metrics.registry.unregister(self.state.metrics.tls_cert_not_after)
         await self._public.setup()
         await self._admin.setup()
-        ctx = tls_context(s.tls) if s.tls is not None else None
+        ctx = self.tls.context if self.tls is not None else None
         await web.TCPSite(self._public, s.listen.host, s.listen.port, ssl_context=ctx).start()
         await web.TCPSite(self._admin, s.admin_listen.host, s.admin_listen.port).start()
         scheme = "https" if ctx else "http"
@@ -92,27 +99,18 @@ class Server:
 
     async def reload(self) -> bool:
         """Load the config file again; keep the running config if the new one is invalid."""
-        async with self._reloading:
-            metrics = self.state.metrics
-            if self.path is None:
-                return False
-            try:
-                settings = await asyncio.to_thread(config.load, self.path)
-            except config.ConfigError as exc:
-                metrics.config_reloads.labels("error").inc()
-                log.error("reload refused, keeping the running config", extra={"problems": exc.problems})
-                return False
-            self.state.apply(settings)
-            logs.set_level(settings.sidecar.log.level)
-            metrics.config_reloads.labels("success").inc()
-            log.info("config reloaded", extra={"path": str(self.path)})
-            return True
+        return await self.reloader.reload()
+
+    def _reload_on_signal(self) -> None:
+        task = asyncio.ensure_future(self.reload())
+        self._tasks.add(task)  # the loop keeps only a weak reference to tasks
+        task.add_done_callback(self._tasks.discard)
 
     async def run_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         try:
             await self._stop.wait()
         finally:
@@ -129,7 +127,11 @@ class Server:
 
 async def serve(settings: config.Settings, audit: logs.AuditLog) -> int:
     metrics = Metrics()
-    server = Server(settings, audit, metrics)
+    try:
+        server = Server(settings, audit, metrics)
+    except tls.TlsError as exc:  # the files changed between the config check and now
+        log.error("config error: sidecar.tls: %s", exc)
+        return 2
     try:
         await server.start()
     except OSError as exc:

@@ -20,21 +20,31 @@ from ..config import IPAddress, IPNetwork, Settings
 from ..pipeline import Call, Guard
 
 UNKNOWN = "unknown"
+# The longest spelling of an address a peer or proxy writes: "[" v6-with-v4-tail "]:65535".
+# Anything longer is malformed, and refusing it first keeps junk out of the parse cache.
+_MAX_ADDRESS_CHARS = 56
+_OWS = " \t"  # RFC 9110 optional whitespace around list elements
+
+
+def parse_address(text: str) -> IPAddress | None:
+    """An address as a peer or a proxy writes it (``v4``, ``v4:port``, ``v6``, ``[v6]:port``);
+    ``None`` when it is anything else (``unknown``, an obfuscated name, a zone id)."""
+    if len(text) > _MAX_ADDRESS_CHARS:
+        return None
+    return _parse(text.strip(_OWS))
 
 
 @lru_cache(maxsize=4096)
-def parse_address(text: str) -> IPAddress | None:
-    """An address as a peer or a proxy writes it (``v4``, ``v4:port``, ``v6``, ``[v6]:port``)."""
-    text = text.strip()
+def _parse(text: str) -> IPAddress | None:
     if text.startswith("["):
         end = text.find("]")
         rest = text[end + 1 :]
-        if end < 0 or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+        if end < 0 or (rest and not (rest[0] == ":" and _is_port(rest[1:]))):
             return None
         text = text[1:end]
     elif text.count(":") == 1:  # v4:port
         text, _, port = text.partition(":")
-        if not port.isdigit():
+        if not _is_port(port):
             return None
     try:
         addr = ipaddress.ip_address(text)
@@ -46,6 +56,11 @@ def parse_address(text: str) -> IPAddress | None:
         if addr.ipv4_mapped is not None:
             return addr.ipv4_mapped
     return addr
+
+
+def _is_port(text: str) -> bool:
+    # str.isdigit() alone would take "²" or Arabic-Indic digits.
+    return 0 < len(text) <= 5 and text.isascii() and text.isdigit()
 
 
 def in_networks(addr: IPAddress, networks: Sequence[IPNetwork]) -> bool:

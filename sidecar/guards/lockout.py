@@ -6,95 +6,135 @@ sliding ``window``, that address is refused with 429 ``locked_out`` for
 tell an attacker when a guess was right (OpenClaw's gateway does exactly that).
 A success does not reset the count: it may be a bystander behind the same NAT.
 
-IPv6 clients are grouped by /64, the block one subscriber usually gets. State
-is bounded: entries expire, and past ``max_entries`` the least recently failed
-address is forgotten first.
+IPv6 clients are grouped by /64, the block one subscriber usually gets (one
+host can walk through 2^64 addresses of its own).
+
+Memory is bounded under a flood from many addresses, whatever the policy: a
+record expires ``window`` after its last failure and a lock when it ends; at
+most ``max_entries`` records and as many locks are kept, and at most
+``max_times`` failure times in all (a record holds up to ``maxFailures - 1``),
+the oldest forgotten first. Both tables are ``OrderedDict``s kept in time
+order, so expiring and evicting cost O(1) per failure (a plain ``dict`` popped
+from the front rescans its deleted slots on every ``next(iter())``: O(n) each).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import math
 import time
-from collections import deque
+from array import array
+from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Callable
 
-from ..config import IPAddress, Lockout, Settings
+from ..config import Lockout, Settings
 from ..pipeline import Call, Guard, Reject
 
-DEFAULT_MAX_ENTRIES = 50_000
+# Under 60 MB for both tables at their worst (README "Threat model" has the measurement).
+DEFAULT_MAX_ENTRIES = 100_000
+DEFAULT_MAX_TIMES = 1_000_000
 
 FailureRecorder = Callable[[Call], None]
 
 
-def client_key(addr: IPAddress | None, fallback: str) -> str:
-    """The unit a limit applies to: the IPv4 address, or the IPv6 /64."""
-    if addr is None:
-        return fallback
-    if addr.version == 6:
-        return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
-    return str(addr)
+def client_key(call: Call) -> str:
+    """The unit the lockout counts: the IPv4 address, or the IPv6 /64."""
+    addr = call.client_addr
+    if addr is None or addr.version == 4:
+        return call.client_ip  # str(addr), or "unknown" for a malformed forwarded chain
+    return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
 
 
 class LockoutTable:
-    """Failure times and lock expiries per client key. Lives across config reloads."""
+    """Recent failure times and lock expiries per client key (monotonic seconds).
 
-    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+    Lives in the process state, across config reloads; each call passes the
+    policy of the config it runs under.
+    """
+
+    def __init__(
+        self, max_entries: int = DEFAULT_MAX_ENTRIES, max_times: int = DEFAULT_MAX_TIMES
+    ) -> None:
         self.max_entries = max_entries
-        self._failures: dict[str, deque[float]] = {}
-        self._locked: dict[str, float] = {}  # key -> monotonic time the lock ends
+        self.max_times = max_times
+        # key -> the failure times still inside the window, oldest first; a lone
+        # failure (what a many-address flood leaves) is a bare float, more are an
+        # array of doubles (8 bytes a time instead of 32 for a list of floats).
+        self._failures: OrderedDict[str, float | array[float]] = OrderedDict()
+        # key -> when its lock ends, earliest locked first. Public so the guard's
+        # common case (nobody locked) is one truth test.
+        self.locks: OrderedDict[str, float] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._failures) + len(self._locked)
+        return len(self._failures) + len(self.locks)
 
     def locked_for(self, key: str, now: float) -> float:
         """Seconds left on ``key``'s lock; 0 when not locked."""
-        until = self._locked.get(key)
+        until = self.locks.get(key)
         if until is None:
             return 0.0
         if until <= now:
-            del self._locked[key]
+            del self.locks[key]
             return 0.0
         return until - now
 
     def record_failure(self, key: str, policy: Lockout, now: float) -> bool:
-        """Count one failure; returns True when this failure locked the address."""
-        times = self._failures.pop(key, None)
-        if times is None:
-            times = deque(maxlen=policy.max_failures)
-            if len(self._failures) >= self.max_entries:
-                self._evict()
-        elif times.maxlen != policy.max_failures:  # the policy changed on reload
-            times = deque(times, maxlen=policy.max_failures)
-        times.append(now)
+        """Count one failure at ``now``; True when it locked ``key``."""
+        self._expire(now, policy.window)
         horizon = now - policy.window
-        while times and times[0] <= horizon:
-            times.popleft()
-        if len(times) >= policy.max_failures:
-            self._locked.pop(key, None)
-            self._locked[key] = now + policy.duration
-            if len(self._locked) > self.max_entries:
-                del self._locked[next(iter(self._locked))]
+        failures = self._failures
+        previous = failures.pop(key, None)
+        if previous is None:
+            recent: float | array[float] = now
+            count = 1
+        else:
+            recent = array("d", (previous,)) if isinstance(previous, float) else previous
+            del recent[: bisect_right(recent, horizon)]  # times only grow: a sorted array
+            recent.append(now)
+            count = len(recent)
+        if count >= policy.max_failures:
+            if len(self.locks) >= self.max_entries:
+                self.locks.popitem(last=False)  # the lock that ends first
+            self.locks[key] = now + policy.duration
             return True
-        self._failures[key] = times  # re-inserted: dict order is least recently failed first
+        # A record holds up to maxFailures - 1 times: fewer records for a large policy.
+        cap = min(self.max_entries, max(1, self.max_times // max(1, policy.max_failures - 1)))
+        while len(failures) >= cap:
+            failures.popitem(last=False)  # the least recently failed
+        failures[key] = recent[0] if count == 1 and not isinstance(recent, float) else recent
         return False
 
-    def _evict(self) -> None:
-        """Forget the least recently failed tenth: expired records come first in that
-        order, and evicting in batches keeps a many-address flood at O(1) per failure."""
-        for key in list(itertools.islice(self._failures, max(1, self.max_entries // 10))):
-            del self._failures[key]
+    def _expire(self, now: float, window: float) -> None:
+        """Drop records whose last failure left the window and locks that ended.
+
+        Each table is ordered by time, so this stops at the first live entry:
+        every entry is dropped once, O(1) per failure over time."""
+        failures = self._failures
+        horizon = now - window
+        while failures:
+            key, times = next(iter(failures.items()))
+            last = times if isinstance(times, float) else times[-1]
+            if last > horizon:
+                break
+            del failures[key]
+        locks = self.locks
+        while locks:
+            key, until = next(iter(locks.items()))
+            if until > now:
+                break
+            del locks[key]
 
 
 def auth_lockout(settings: Settings, table: LockoutTable) -> Guard:
     """429 ``locked_out`` with ``Retry-After`` while the client address is locked."""
     clock = time.monotonic
+    locks = table.locks
 
     def guard(call: Call) -> None:
-        if not table._locked:  # the common case costs one attribute read
+        if not locks:  # the common case costs one truth test
             return
-        left = table.locked_for(client_key(call.client_addr, call.client_ip), clock())
+        left = table.locked_for(client_key(call), clock())
         if left:
             raise Reject(
                 429,
@@ -112,6 +152,6 @@ def failure_recorder(settings: Settings, table: LockoutTable) -> FailureRecorder
     clock = time.monotonic
 
     def record(call: Call) -> None:
-        table.record_failure(client_key(call.client_addr, call.client_ip), policy, clock())
+        table.record_failure(client_key(call), policy, clock())
 
     return record
