@@ -513,11 +513,12 @@ class _Builder:
         doc = self.obj(p, value, ["certFile", "keyFile", "clientCaFile", "minVersion"])
         if doc is None:
             return None
+        before = len(self.problems)
         cert = self.field(p, doc, "certFile", self.readable_file)
         key = self.field(p, doc, "keyFile", self.readable_file)
         ca = self.field(p, doc, "clientCaFile", self.readable_file, None)
         version = self.field(p, doc, "minVersion", _choice("1.2", "1.3"), "1.2")
-        if cert is None or key is None or (ca is None and "clientCaFile" in doc):
+        if cert is None or key is None or len(self.problems) > before:
             return None
         settings = Tls(cert, key, ca, version)
         try:  # the files must work together, not only exist: a key that fits, a CA that parses

@@ -11,6 +11,7 @@ OpenSSL copies two settings from the front door when it creates a connection,
 before that switch: the minimum version and whether a client certificate is
 asked for. :meth:`ServingTls.use` copies both onto the front door as well, so a
 reload can raise ``minVersion`` or turn mTLS on or off for new connections.
+Sessions are never resumed (see :class:`ServingTls`).
 """
 
 from __future__ import annotations
@@ -106,6 +107,12 @@ class ServingTls:
         self.context = first.context  # give this one to the listener
         self.current = first
         self.context.sni_callback = self._select
+        # No session resumption: OpenSSL resumes a session before the switch above and
+        # without checking the client certificate again, so a ticket issued before a
+        # reload would outlive a client CA that reload removed (tests/test_tls.py).
+        # Callers keep connections alive; a full handshake costs well under a millisecond.
+        self.context.num_tickets = 0
+        self.context.options |= ssl.OP_NO_TICKET
 
     def _select(self, conn: ssl.SSLObject, server_name: str | None, front: ssl.SSLContext) -> None:
         current = self.current.context

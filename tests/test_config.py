@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from sidecar import config
+from sidecar.certs import write_demo_pki
 from sidecar.config import ConfigError, load, loads, parse_duration
 
 from conftest import OTHER_SECRET, SECRET
@@ -60,8 +61,9 @@ def test_the_full_spec_example_loads(tmp_path: Path, monkeypatch: pytest.MonkeyP
     (tmp_path / "current").write_text(SECRET + "\n")
     (tmp_path / "previous").write_text(OTHER_SECRET)
     (tmp_path / "upstream-token").write_text("gateway-token\n")
-    for name in ("cert.pem", "key.pem", "ca.pem"):
-        (tmp_path / name).write_text("x")
+    write_demo_pki(tmp_path, ["localhost"])  # TLS files are loaded, not only found
+    for name, pem in (("cert.pem", "server.pem"), ("key.pem", "server-key.pem")):
+        (tmp_path / pem).rename(tmp_path / name)
     monkeypatch.setenv("CI_WEBHOOK_SECRET", "c1" * 8 + "0123456789abcdef" * 3)
     text = """{
       webhooks: {

@@ -313,3 +313,48 @@ def test_unusable_tls_files_are_config_errors(
     [problem] = err.value.problems
     assert problem.startswith("sidecar.tls") and message in problem, problem
     assert "PRIVATE KEY" not in problem
+
+
+def handshake(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None) -> Any:
+    """A blocking TLS handshake plus one request (in a thread); returns the socket."""
+    import socket  # noqa: PLC0415
+
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        conn = ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session)
+    except BaseException:
+        raw.close()
+        raise
+    try:
+        # TLS 1.3 reports a refused client certificate only after the handshake.
+        conn.sendall(b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        if not conn.recv(1024).startswith(b"HTTP/1.1 404"):
+            raise ssl.SSLError("no reply")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_no_session_outlives_a_removed_client_ca(
+    runtime: Runtime, short_tmp: Path, pki: dict[str, Path], version: ssl.TLSVersion
+) -> None:
+    """A resumed session skips the client-certificate check: the sidecar resumes none."""
+    volume = ProjectedVolume(short_tmp / "tls", pem_files(pki["a"]))
+    doc = tls_doc(runtime, **server_tls(volume.folder, clientCaFile=volume.folder / "ca.pem"))
+    a = pki["a"]
+    ctx = client_context(a / "ca.pem", a / "client.pem", a / "client-key.pem")
+    ctx.maximum_version = version
+    async with running_server(short_tmp, doc) as (server, _):
+        first = await asyncio.to_thread(handshake, port(doc), ctx)
+        session = first.session
+        first.close()
+        again = await asyncio.to_thread(handshake, port(doc), ctx, session)
+        assert not again.session_reused
+        session = again.session
+        again.close()
+        volume.update({**pem_files(a), "ca.pem": (pki["b"] / "ca.pem").read_bytes()})
+        assert await server.reload()
+        with pytest.raises((ssl.SSLError, OSError)):
+            (await asyncio.to_thread(handshake, port(doc), ctx, session)).close()

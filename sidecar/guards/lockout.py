@@ -31,7 +31,7 @@ from collections.abc import Callable
 from ..config import Lockout, Settings
 from ..pipeline import Call, Guard, Reject
 
-# Under 60 MB for both tables at their worst (README "Threat model" has the measurement).
+# About 60 MB for both tables at their worst (README "Threat model": bench/lockout_memory.py).
 DEFAULT_MAX_ENTRIES = 100_000
 DEFAULT_MAX_TIMES = 1_000_000
 
