@@ -488,7 +488,7 @@ class _Builder:
         upstream = self.upstream(doc.get("upstream", {}))
         allow = self.field(p, doc, "allowIps", _networks, None)
         if allow == ():
-            self.bad("sidecar.allowIps", "must list at least one network (omit it to allow any address)")
+            self.bad(f"{p}.allowIps", "must list one network at least (omit it to allow any)")
         no_proxies: tuple[IPNetwork, ...] = ()
         trusted = self.field(p, doc, "trustedProxies", _networks, no_proxies)
         rate = self.rate_limits(doc.get("rateLimit", {}))

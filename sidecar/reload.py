@@ -68,7 +68,9 @@ class Reloader:
         self.state = state
         self.path = path
         self.serving = serving
-        self.seen: Fingerprints = {}  # the files as the running config was loaded from
+        # The files as the running config was loaded from. Taken now, before anything
+        # listens: a baseline taken later by the watcher could already include a change.
+        self.seen: Fingerprints = fingerprints(state.settings.watched_files)
         self._lock = asyncio.Lock()
 
     async def reload(self, reason: str = "SIGHUP") -> bool:
@@ -128,8 +130,6 @@ class Reloader:
 
     async def watch(self, interval: float = POLL_INTERVAL) -> None:
         """Poll the watched files forever; reload once a change has settled."""
-        if not self.seen:
-            self.seen = await asyncio.to_thread(fingerprints, self.state.settings.watched_files)
         pending: Fingerprints | None = None
         while True:
             await asyncio.sleep(interval)

@@ -4,15 +4,17 @@ trusted proxy or an untrusted peer), over plain TCP or TLS, and an in-process se
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import ssl
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from conftest import AGENT, SECRET, ListWriter, write_config
+from conftest import AGENT, SECRET, ListWriter, base_doc, free_port, write_config
 
 from sidecar import config
 from sidecar.logs import AuditLog
@@ -20,6 +22,39 @@ from sidecar.metrics import Metrics
 from sidecar.server import Server
 
 WAKE = {"agent": AGENT}
+
+
+def listening_doc(runtime_path: Path, **sidecar: Any) -> dict[str, Any]:
+    """``base_doc`` with its own loopback ports, for a whole ``Server``."""
+    return base_doc(
+        runtime_path,
+        listen=f"127.0.0.1:{free_port()}",
+        admin={"listen": f"127.0.0.1:{free_port()}"},
+        shutdownTimeout="2s",
+        **sidecar,
+    )
+
+
+def public_url(doc: dict[str, Any], scheme: str = "http", path: str = "/hooks/wake") -> str:
+    return f"{scheme}://{doc['sidecar']['listen']}{path}"
+
+
+def public_port(doc: dict[str, Any]) -> int:
+    return int(doc["sidecar"]["listen"].rsplit(":", 1)[1])
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 10.0) -> float:
+    """Poll ``predicate`` (sync or async) until it is true; how long it took. Generous
+    bounds, not sleeps: the machine is shared."""
+    start = time.monotonic()
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return time.monotonic() - start
+        assert time.monotonic() - start < timeout, "not within the time limit"
+        await asyncio.sleep(0.05)
 
 
 async def post(

@@ -77,7 +77,7 @@ def test_an_empty_list_is_a_config_error(short_tmp: Any) -> None:
     with pytest.raises(config.ConfigError) as err:
         config.load(write_config(short_tmp, base_doc("/x.sock", allowIps=[])))
     assert err.value.problems == [
-        "sidecar.allowIps: must list at least one network (omit it to allow any address)"
+        "sidecar.allowIps: must list one network at least (omit it to allow any)"
     ]
 
 

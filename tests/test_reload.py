@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import signal
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from clients import ProjectedVolume, post, running_server
+from clients import ProjectedVolume, listening_doc, post, public_url, running_server, until
 from conftest import SECRET, Runtime, base_doc, free_port, write_config
 
 from sidecar.reload import fingerprint
@@ -56,15 +55,9 @@ def test_fingerprint_of_a_missing_or_special_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- in this process
 
 
-def slot_doc(runtime_path: Path, folder: Path, **sidecar: Any) -> dict[str, Any]:
-    """Two secret slots in one Secret volume, the way SPEC's example rotates."""
-    doc = base_doc(
-        runtime_path,
-        listen=f"127.0.0.1:{free_port()}",
-        admin={"listen": f"127.0.0.1:{free_port()}"},
-        shutdownTimeout="2s",
-        **sidecar,
-    )
+def slot_doc(runtime_path: Path, folder: Path) -> dict[str, Any]:
+    """Two secret slots in one Secret volume, the way deploy/ rotates."""
+    doc = listening_doc(runtime_path)
     del doc["webhooks"]["secret"]
     doc["webhooks"]["secrets"] = [
         {"id": "current", "file": str(folder / "current")},
@@ -73,21 +66,9 @@ def slot_doc(runtime_path: Path, folder: Path, **sidecar: Any) -> dict[str, Any]
     return doc
 
 
-def public_url(doc: dict[str, Any]) -> str:
-    return f"http://{doc['sidecar']['listen']}/hooks/wake"
-
-
 def reloads(server: Any) -> tuple[float, float]:
     counter = server.state.metrics.config_reloads
     return counter.labels("success")._value.get(), counter.labels("error")._value.get()
-
-
-async def until(predicate: Any, timeout: float = 10.0) -> float:
-    start = time.monotonic()
-    while not await predicate():
-        assert time.monotonic() - start < timeout, "not within the time limit"
-        await asyncio.sleep(0.05)
-    return time.monotonic() - start
 
 
 async def test_rewritten_secret_file_is_live_without_a_signal(
@@ -101,7 +82,7 @@ async def test_rewritten_secret_file_is_live_without_a_signal(
         assert (await post(public_url(doc), token=S3))[0] == 401
         volume.update({"current": S3.encode(), "previous": S1.encode()})
         # Wait on the reload, not by trying S3: failed tries would feed the lockout.
-        await until(lambda: _true_when(reloads(server) == (1, 0)))
+        await until(lambda: reloads(server) == (1, 0))
         assert (await post(public_url(doc), token=S3))[0] == 200
         assert (await post(public_url(doc), token=S1))[0] == 200  # S1 moved to "previous"
         assert (await post(public_url(doc), token=S2))[0] == 401  # S2 is gone
@@ -112,11 +93,7 @@ async def test_rewritten_secret_file_is_live_without_a_signal(
 async def test_broken_config_is_refused_and_the_running_one_serves_on(
     runtime: Runtime, short_tmp: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    doc = base_doc(
-        runtime.path,
-        listen=f"127.0.0.1:{free_port()}",
-        admin={"listen": f"127.0.0.1:{free_port()}"},
-    )
+    doc = listening_doc(runtime.path)
     path = write_config(short_tmp, doc)
     async with running_server(short_tmp, doc) as (server, _):
         broken = json.loads(json.dumps(doc))
@@ -140,23 +117,15 @@ async def test_broken_config_is_refused_and_the_running_one_serves_on(
         ]
         assert S1[:20] not in caplog.text
         path.write_text("{webhooks: {")  # not even JSON5
-        await until(lambda: _true_when(reloads(server)[1] == 2))
+        await until(lambda: reloads(server)[1] == 2)
         write_config(short_tmp, doc)  # fixed: taken at once
-        await until(lambda: _true_when(reloads(server) == (1, 2)))
-
-
-async def _true_when(condition: bool) -> bool:
-    return condition
+        await until(lambda: reloads(server) == (1, 2))
 
 
 async def test_a_secret_file_added_by_a_reload_is_watched(
     runtime: Runtime, short_tmp: Path
 ) -> None:
-    doc = base_doc(
-        runtime.path,
-        listen=f"127.0.0.1:{free_port()}",
-        admin={"listen": f"127.0.0.1:{free_port()}"},
-    )
+    doc = listening_doc(runtime.path)
     async with running_server(short_tmp, doc) as (server, _):
         (short_tmp / "ci").write_text(S1)
         doc["webhooks"]["secrets"] = [
@@ -168,7 +137,7 @@ async def test_a_secret_file_added_by_a_reload_is_watched(
         assert await server.reload()
         assert (await post(public_url(doc), token=S1))[0] == 200
         (short_tmp / "ci").write_text(S2)  # only the new file changes
-        await until(lambda: _true_when(reloads(server) == (2, 0)))
+        await until(lambda: reloads(server) == (2, 0))
         assert (await post(public_url(doc), token=S2))[0] == 200
         assert (await post(public_url(doc), token=S1))[0] == 401
 
@@ -210,11 +179,7 @@ async def test_a_call_in_flight_finishes_under_the_config_it_started_with(
     while the new config (other runtime, other token, other secret, other agent) serves
     everything that starts after the reload."""
     (short_tmp / "token").write_text("old-upstream-token")
-    doc = base_doc(
-        short_tmp / "slow.sock",
-        listen=f"127.0.0.1:{free_port()}",
-        admin={"listen": f"127.0.0.1:{free_port()}"},
-    )
+    doc = listening_doc(short_tmp / "slow.sock")
     doc["sidecar"]["upstream"]["token"] = {"file": "token"}
     async with (
         slow_runtime(short_tmp / "slow.sock") as slow,
@@ -247,11 +212,7 @@ async def test_a_request_still_uploading_keeps_its_config(
     runtime: Runtime, short_tmp: Path
 ) -> None:
     """The body arrives after the reload; the agent it names exists only in the old config."""
-    doc = base_doc(
-        runtime.path,
-        listen=f"127.0.0.1:{free_port()}",
-        admin={"listen": f"127.0.0.1:{free_port()}"},
-    )
+    doc = listening_doc(runtime.path)
     async with running_server(short_tmp, doc) as (server, _):
         go = asyncio.Event()
 
@@ -269,7 +230,7 @@ async def test_a_request_still_uploading_keeps_its_config(
                 return resp.status
 
         pending = asyncio.create_task(upload())
-        await until(lambda: _true_when(server.state.metrics.in_flight._value.get() == 1))
+        await until(lambda: server.state.metrics.in_flight._value.get() == 1)
         new = json.loads(json.dumps(doc))
         new["webhooks"]["agents"] = {"other-agent": {}}
         write_config(short_tmp, new)
@@ -283,11 +244,7 @@ async def test_a_request_still_uploading_keeps_its_config(
 async def test_listen_changes_are_named_as_needing_a_restart(
     runtime: Runtime, short_tmp: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    doc = base_doc(
-        runtime.path,
-        listen=f"127.0.0.1:{free_port()}",
-        admin={"listen": f"127.0.0.1:{free_port()}"},
-    )
+    doc = listening_doc(runtime.path)
     async with running_server(short_tmp, doc) as (server, _):
         moved = json.loads(json.dumps(doc))
         moved["sidecar"]["listen"] = f"127.0.0.1:{free_port()}"
@@ -330,13 +287,13 @@ async def test_rotation_in_a_real_process_without_signal_or_failed_request(
     try:
         # 1. Add the new secret: S2 becomes current, S1 moves to previous, in one swap.
         volume.update({"current": S2.encode(), "previous": S1.encode()})
-        took = await until(lambda: _true_when(len(reloaded()) == 1))
+        took = await until(lambda: len(reloaded()) == 1)
         assert took < 10
         assert (await post(url, token=S2))[0] == 200
         # 2. Callers move to S2.  3. The next rotation retires S1.
         caller["token"] = S2
         volume.update({"current": S3.encode(), "previous": S2.encode()})
-        took = await until(lambda: _true_when(len(reloaded()) == 2))
+        took = await until(lambda: len(reloaded()) == 2)
         assert took < 10
         assert (await post(url, token=S1))[0] == 401
         await asyncio.sleep(0.3)
@@ -354,11 +311,7 @@ async def test_rotation_in_a_real_process_without_signal_or_failed_request(
 async def test_sighup_reloads_and_a_broken_file_keeps_the_old_config(
     runtime: Runtime, short_tmp: Path, sidecar_process: Any
 ) -> None:
-    doc = base_doc(
-        runtime.path,
-        listen=f"127.0.0.1:{free_port()}",
-        admin={"listen": f"127.0.0.1:{free_port()}"},
-    )
+    doc = listening_doc(runtime.path)
     admin = int(doc["sidecar"]["admin"]["listen"].rsplit(":", 1)[1])
     path = write_config(short_tmp, doc)
     proc = sidecar_process(path, admin)

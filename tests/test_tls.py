@@ -7,14 +7,23 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ssl
-import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from clients import ProjectedVolume, client_context, peer_certificate_serial, post, running_server
-from conftest import Runtime, base_doc, free_port, write_config
+from clients import (
+    ProjectedVolume,
+    client_context,
+    listening_doc,
+    peer_certificate_serial,
+    post,
+    public_port,
+    public_url,
+    running_server,
+    until,
+)
+from conftest import Runtime, base_doc, write_config
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -41,22 +50,11 @@ def serial(path: Path) -> int:
 
 
 def tls_doc(runtime: Runtime, **tls: Any) -> dict[str, Any]:
-    port = free_port()
-    return base_doc(
-        runtime.path,
-        listen=f"127.0.0.1:{port}",
-        admin={"listen": f"127.0.0.1:{free_port()}"},
-        tls={key: str(value) for key, value in tls.items()},
-        shutdownTimeout="1s",
-    )
+    return listening_doc(runtime.path, tls={key: str(value) for key, value in tls.items()})
 
 
 def url(doc: dict[str, Any], scheme: str = "https") -> str:
-    return f"{scheme}://127.0.0.1:{doc['sidecar']['listen'].rsplit(':', 1)[1]}/hooks/wake"
-
-
-def port(doc: dict[str, Any]) -> int:
-    return int(doc["sidecar"]["listen"].rsplit(":", 1)[1])
+    return public_url(doc, scheme)
 
 
 def server_tls(pki: Path, **extra: Any) -> dict[str, Any]:
@@ -77,7 +75,8 @@ async def test_https_with_the_gen_cert_ca_and_no_plain_http(
         metrics = generate_latest(server.state.metrics.registry).decode()
     leaf = x509.load_pem_x509_certificate((pki["a"] / "server.pem").read_bytes())
     expires = leaf.not_valid_after_utc.timestamp()
-    assert f"webhook_sidecar_tls_cert_not_after_timestamp_seconds {expires:.9e}" in metrics
+    [line] = [x for x in metrics.splitlines() if x.startswith("webhook_sidecar_tls_cert_not_after")]
+    assert float(line.split()[1]) == expires
     assert len(runtime.calls) == 1
 
 
@@ -143,15 +142,6 @@ def pem_files(pki: Path) -> dict[str, bytes]:
     return {name: (pki / name).read_bytes() for name in PKI}
 
 
-async def wait_for(predicate: Any, timeout: float = 10.0) -> float:
-    """Poll an async predicate until it is true; return how long it took."""
-    start = time.monotonic()
-    while not await predicate():
-        assert time.monotonic() - start < timeout, "not within the time limit"
-        await asyncio.sleep(0.1)
-    return time.monotonic() - start
-
-
 async def test_certificate_swapped_in_a_kubernetes_volume_is_served_to_new_connections(
     runtime: Runtime, short_tmp: Path, pki: dict[str, Path]
 ) -> None:
@@ -160,18 +150,20 @@ async def test_certificate_swapped_in_a_kubernetes_volume_is_served_to_new_conne
     doc = tls_doc(runtime, **server_tls(volume.folder))
     old_ca, new_ca = client_context(pki["a"] / "ca.pem"), client_context(pki["b"] / "ca.pem")
     async with running_server(short_tmp, doc) as (server, _):
-        assert await peer_certificate_serial(port(doc), old_ca) == serial(pki["a"] / "server.pem")
+        assert await peer_certificate_serial(public_port(doc), old_ca) == serial(
+            pki["a"] / "server.pem"
+        )
         volume.update(pem_files(pki["b"]))
 
         async def new_cert_served() -> bool:
             try:
-                return await peer_certificate_serial(port(doc), new_ca) == serial(
+                return await peer_certificate_serial(public_port(doc), new_ca) == serial(
                     pki["b"] / "server.pem"
                 )
             except ssl.SSLCertVerificationError:
                 return False
 
-        await wait_for(new_cert_served)
+        await until(new_cert_served)
         assert (await post(url(doc), ssl_context=new_ca))[0] == 200
         with pytest.raises(aiohttp.ClientConnectorCertificateError):
             await post(url(doc), ssl_context=old_ca)
@@ -233,7 +225,7 @@ async def test_broken_new_certificate_is_refused_and_the_old_one_served(
         volume.update({**pem_files(a), "server.pem": (b / "server.pem").read_bytes()})
         assert not await server.reload()
         ctx = client_context(a / "ca.pem")
-        assert await peer_certificate_serial(port(doc), ctx) == serial(a / "server.pem")
+        assert await peer_certificate_serial(public_port(doc), ctx) == serial(a / "server.pem")
         assert (await post(url(doc), ssl_context=ctx))[0] == 200
         reloads = server.state.metrics.config_reloads
         assert reloads.labels("error")._value.get() == 1
@@ -317,7 +309,7 @@ def test_unusable_tls_files_are_config_errors(
 
 def handshake(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None) -> Any:
     """A blocking TLS handshake plus one request (in a thread); returns the socket."""
-    import socket  # noqa: PLC0415
+    import socket
 
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
@@ -347,14 +339,39 @@ async def test_no_session_outlives_a_removed_client_ca(
     ctx = client_context(a / "ca.pem", a / "client.pem", a / "client-key.pem")
     ctx.maximum_version = version
     async with running_server(short_tmp, doc) as (server, _):
-        first = await asyncio.to_thread(handshake, port(doc), ctx)
+        first = await asyncio.to_thread(handshake, public_port(doc), ctx)
         session = first.session
         first.close()
-        again = await asyncio.to_thread(handshake, port(doc), ctx, session)
+        again = await asyncio.to_thread(handshake, public_port(doc), ctx, session)
         assert not again.session_reused
         session = again.session
         again.close()
         volume.update({**pem_files(a), "ca.pem": (pki["b"] / "ca.pem").read_bytes()})
         assert await server.reload()
         with pytest.raises((ssl.SSLError, OSError)):
-            (await asyncio.to_thread(handshake, port(doc), ctx, session)).close()
+            (await asyncio.to_thread(handshake, public_port(doc), ctx, session)).close()
+
+
+async def test_without_tls_there_is_no_certificate_gauge(runtime: Runtime, short_tmp: Path) -> None:
+    """Absent rather than 0: an "expires within a week" alert must not fire on plain HTTP."""
+    doc = tls_doc(runtime)
+    del doc["sidecar"]["tls"]
+    async with running_server(short_tmp, doc) as (server, _):
+        metrics = generate_latest(server.state.metrics.registry).decode()
+    assert "tls_cert_not_after" not in metrics
+    assert "webhook_sidecar_config_reloads_total" in metrics
+
+
+def test_run_with_a_key_that_does_not_fit_exits_2(short_tmp: Path, pki: dict[str, Path]) -> None:
+    import subprocess
+    import sys
+
+    tls = {k: str(v) for k, v in server_tls(pki["a"], keyFile=pki["b"] / "server-key.pem").items()}
+    path = write_config(short_tmp, base_doc(short_tmp / "rt.sock", tls=tls))
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "run", "-c", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "sidecar.tls: cannot use certFile" in result.stderr
+    assert "the key does not belong to the certificate" in result.stderr
