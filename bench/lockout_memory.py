@@ -53,7 +53,8 @@ def main() -> None:
     n = args.addresses
     print(f"{'flood':<6} {'addresses':>10} {'failures':>10} {'records':>8} {'locks':>8} "
           f"{'memory':>9} {'per failure':>12}")  # fmt: skip
-    for name, per in (("spray", 1), ("near", POLICY.max_failures - 1), ("lock", POLICY.max_failures)):
+    floods = (("spray", 1), ("near", POLICY.max_failures - 1), ("lock", POLICY.max_failures))
+    for name, per in floods:
         count = n if per == 1 else n // per
         _, elapsed, _ = flood(count, per, measure=False)
         table, _, used = flood(count, per, measure=True)

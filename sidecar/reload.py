@@ -30,7 +30,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import config, logs, tls
+from . import config, tls
 from .app import State
 
 log = logging.getLogger("sidecar.reload")
@@ -64,10 +64,17 @@ def fingerprints(paths: Iterable[Path]) -> Fingerprints:
 class Reloader:
     """Loads the config file again on request and swaps it in when it is valid."""
 
-    def __init__(self, state: State, path: Path | None, serving: tls.ServingTls | None) -> None:
+    def __init__(
+        self,
+        state: State,
+        path: Path | None,
+        serving: tls.ServingTls | None,
+        on_applied: Callable[[config.Settings], None] = lambda settings: None,
+    ) -> None:
         self.state = state
         self.path = path
         self.serving = serving
+        self.on_applied = on_applied  # process-wide settings (logging), the server's part
         # The files as the running config was loaded from. Taken now, before anything
         # listens: a baseline taken later by the watcher could already include a change.
         self.seen: Fingerprints = fingerprints(state.settings.watched_files)
@@ -100,7 +107,7 @@ class Reloader:
             if loaded is not None and self.serving is not None:
                 self.serving.use(loaded)
                 metrics.tls_cert_not_after.set(loaded.not_after)
-            logs.set_level(settings.sidecar.log.level)
+            self.on_applied(settings)
             new = [p for p in settings.watched_files if p not in before]
             self.seen = before | await asyncio.to_thread(fingerprints, new)
             metrics.config_reloads.labels("success").inc()

@@ -52,7 +52,7 @@ class Server:
         s = settings.sidecar
         # Built here, so a bad certificate fails before anything listens (raises TlsError).
         self.tls = tls.ServingTls(tls.load(s.tls)) if s.tls is not None else None
-        self.reloader = Reloader(self.state, self.path, self.tls)
+        self.reloader = Reloader(self.state, self.path, self.tls, self._applied)
         public = create_app(self.state)
         public.cleanup_ctx.append(self.reloader.watching(watch_interval))
         self._public = web.AppRunner(
@@ -100,6 +100,10 @@ class Server:
     async def reload(self) -> bool:
         """Load the config file again; keep the running config if the new one is invalid."""
         return await self.reloader.reload()
+
+    def _applied(self, settings: config.Settings) -> None:
+        """What a reload changes outside the request path."""
+        logs.set_level(settings.sidecar.log.level)
 
     def _reload_on_signal(self) -> None:
         task = asyncio.ensure_future(self.reload())

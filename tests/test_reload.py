@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
 import signal
@@ -354,3 +355,17 @@ async def test_sighup_reloads_and_a_broken_file_keeps_the_old_config(
 
 async def _accepted_agent(url: str, agent: str) -> bool:
     return (await post(url, {"agent": agent}))[0] == 200
+
+
+async def test_the_log_level_follows_the_reload(runtime: Runtime, short_tmp: Path) -> None:
+    root = logging.getLogger()
+    saved = root.level
+    doc = listening_doc(runtime.path)
+    try:
+        async with running_server(short_tmp, doc) as (server, _):
+            doc["sidecar"]["log"] = {"level": "error"}
+            write_config(short_tmp, doc)
+            assert await server.reload()
+            assert root.level == logging.ERROR
+    finally:
+        root.setLevel(saved)
