@@ -6,9 +6,7 @@ malformed forwarded chain) is never allowed.
 
 from __future__ import annotations
 
-from functools import partial
-
-from functools import lru_cache
+from functools import lru_cache, partial
 
 from ..config import IPAddress, Settings
 from ..pipeline import Call, Guard, Reject

@@ -11,11 +11,10 @@ not. Each failure is reported to the lockout.
 
 from __future__ import annotations
 
-from functools import partial
-
 import hmac
 import logging
 import time
+from functools import partial
 
 from ..config import Settings
 from ..pipeline import Call, Guard, Reject
