@@ -125,6 +125,81 @@ async def test_an_unknown_script_is_sent_in_full_once(redis_server: RedisServer)
         await limiter.aclose()
 
 
+async def test_concurrent_decisions_share_one_round_trip_and_stay_exact(
+    redis_server: RedisServer,
+) -> None:
+    """50 requests at once: one pipeline on one connection, and still exactly 3 allowed."""
+    limiter = RedisLimiter(redis_server.url)
+    try:
+        decisions = await asyncio.gather(
+            *(limiter.acquire([(IP, f"ip:{i}"), (GLOBAL, "global")]) for i in range(50))
+        )
+        assert [d.allowed for d in decisions] == [True] * 3 + [False] * 47
+        clients = redis_server.command("CLIENT", "LIST")
+        assert clients is not None and clients.count(b"cmd=") == 2  # the limiter's and ours
+        stats = redis_server.command("INFO", "commandstats") or b""
+        assert b"cmdstat_evalsha:calls=50," in stats
+    finally:
+        await limiter.aclose()
+
+
+async def test_a_batch_after_script_flush_is_sent_again_in_full(
+    redis_server: RedisServer,
+) -> None:
+    limiter = RedisLimiter(redis_server.url)
+    try:
+        await limiter.acquire([(GLOBAL, "global")])
+        await limiter.client.script_flush()
+        decisions = await asyncio.gather(*(limiter.acquire([(GLOBAL, "global")]) for _ in range(4)))
+        assert [d.allowed for d in decisions] == [True, True, False, False]
+        assert await limiter.client.script_exists(SCRIPT_SHA) == [True]
+    finally:
+        await limiter.aclose()
+
+
+async def test_an_error_for_one_decision_fails_only_that_one(redis_server: RedisServer) -> None:
+    limiter = RedisLimiter(redis_server.url)
+    try:
+        await limiter.client.hset(KEY_PREFIX + "ip:odd", "x", "1")  # GET on a hash: WRONGTYPE
+        results = await asyncio.gather(
+            limiter.acquire([(IP, "ip:a")]),
+            limiter.acquire([(IP, "ip:odd")]),
+            limiter.acquire([(IP, "ip:b")]),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], LimiterUnavailable)
+        assert [r.allowed for r in (results[0], results[2])] == [True, True]  # type: ignore[union-attr]
+    finally:
+        await limiter.aclose()
+
+
+async def test_a_cancelled_request_does_not_disturb_its_batch(redis_server: RedisServer) -> None:
+    limiter = RedisLimiter(redis_server.url)
+    try:
+        first = asyncio.ensure_future(limiter.acquire([(GLOBAL, "global")]))
+        second = asyncio.ensure_future(limiter.acquire([(GLOBAL, "global")]))
+        await asyncio.sleep(0)  # both queued in one batch
+        first.cancel()
+        assert (await second).allowed
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    finally:
+        await limiter.aclose()
+
+
+async def test_closing_ends_decisions_still_waiting(redis_server: RedisServer) -> None:
+    limiter = RedisLimiter(redis_server.url)
+    await limiter.acquire([(GLOBAL, "global")])  # connected
+    redis_server.command("CLIENT", "PAUSE", "3000")  # Redis holds every reply
+    waiting = asyncio.ensure_future(limiter.acquire([(GLOBAL, "global")]))
+    await asyncio.sleep(0.05)
+    await limiter.aclose()
+    # Cancelled, not left waiting (nor answered by the socket timeout, which would
+    # raise LimiterUnavailable 0.25 s after sending).
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+
 async def test_unreachable_backend_fails_fast_backs_off_and_recovers(
     redis_server: RedisServer,
     caplog: pytest.LogCaptureFixture,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ..config import RateLimit
 
@@ -54,8 +55,7 @@ class Policy:
 Check = tuple[Policy, str]
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """A backend's answer for a set of checks, taken all-or-nothing.
 
     ``ahead[i]`` is ``tat - now`` (microseconds) of ``checks[i]``'s bucket after the

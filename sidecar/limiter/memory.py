@@ -47,15 +47,17 @@ class MemoryLimiter(Limiter):
         """Charge every bucket in ``checks`` or none (a single thread: nothing interleaves)."""
         now = self.clock()
         tats = self._tats
-        results = [gcra(tats.get(key), now, p.interval, p.tolerance) for p, key in checks]
-        if not all(ok for ok, _ in results):
-            # Nothing charged: report every bucket as it stands.
-            return Decision(False, tuple(max(tats.get(key, now) - now, 0) for _, key in checks))
-        for (_, key), (_, tat) in zip(checks, results, strict=True):
+        charged = []
+        for policy, key in checks:
+            allowed, tat = gcra(tats.get(key), now, policy.interval, policy.tolerance)
+            if not allowed:  # nothing charged: report every bucket as it stands
+                return Decision(False, tuple(max(tats.get(k, now) - now, 0) for _, k in checks))
+            charged.append(tat)
+        for (_, key), tat in zip(checks, charged, strict=True):
             if tats.pop(key, None) is None:
                 self._make_room(now)
             tats[key] = tat  # (re-)inserted last: most recently used
-        return Decision(True, tuple(tat - now for _, tat in results))
+        return Decision(True, tuple(tat - now for tat in charged))
 
     async def acquire(self, checks: Sequence[Check]) -> Decision:
         return self.take(checks)

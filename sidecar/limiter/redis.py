@@ -6,6 +6,11 @@ read-modify-write race between replicas, and the bucket math runs on the Redis
 server's clock (``TIME``), so replicas with skewed clocks still agree. Keys are
 prefixed (``whs:rl:``) and expire by themselves when their bucket is full again.
 
+Decisions asked for in the same turn of the event loop go out together, as one
+pipeline: under load one round trip and one pass through redis-py serve many
+requests (redis-py spends about 100 µs of CPU per command; in a pipeline of 16
+about 30 µs per decision), and nothing waits for a batch to fill.
+
 The script is sent by hash (``EVALSHA``); a Redis that does not know it (just
 restarted, ``SCRIPT FLUSH``) answers ``NOSCRIPT`` and the same call is sent once
 in full (``EVAL``, which also caches it again).
@@ -21,10 +26,12 @@ and when they end — never one line per request.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -71,6 +78,9 @@ return reply
 """
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
 
+# (number of keys, EVALSHA arguments, the waiting request's future)
+_Pending = tuple[int, list[str | int], "asyncio.Future[list[int]]"]
+
 
 def describe(url: str) -> str:
     """``host:port/db`` of a backend URL: never its password, fit for logs."""
@@ -102,30 +112,90 @@ class RedisLimiter(Limiter):
             retry=Retry(NoBackoff(), 1),
         )
         self.client = Redis.from_pool(pool)
+        self._queue: list[_Pending] = []
+        self._sending: set[asyncio.Task[None]] = set()
         self._down_since: float | None = None
         self._retry_at = 0.0
         self._failures = 0
         self._logged_at = 0.0
 
     async def acquire(self, checks: Sequence[Check]) -> Decision:
-        now = self.clock()
-        if self._down_since is not None and now < self._retry_at:
+        if self._down_since is not None and self.clock() < self._retry_at:
             self._failures += 1
             raise LimiterUnavailable(self.where)
         args: list[str | int] = [self.prefix + key for _, key in checks]
         for policy, _ in checks:
             args += (policy.interval, policy.tolerance)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[int]] = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._flush)
+        self._queue.append((len(checks), args, future))
+        reply = await future
+        return Decision(reply[0] == 1, tuple(reply[1:]))
+
+    def _flush(self) -> None:
+        """Send every decision asked for since the last flush, as one batch."""
+        batch, self._queue = self._queue, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        replies: list[Any]
         try:
-            try:
-                reply = await self.client.evalsha(SCRIPT_SHA, len(checks), *args)
-            except NoScriptError:
-                reply = await self.client.eval(SCRIPT, len(checks), *args)
+            replies = await self._run(batch)
         except (RedisError, OSError) as exc:
             self._failed(exc)
-            raise LimiterUnavailable(self.where) from None
-        if self._down_since is not None:
-            self._recovered()
-        return Decision(reply[0] == 1, tuple(reply[1:]))
+            replies = [LimiterUnavailable(self.where)] * len(batch)
+        except asyncio.CancelledError:  # aclose() at exit: nobody may wait forever
+            for _, _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:  # a bug: the callers' 500 and log line carry it
+            replies = [exc] * len(batch)
+        else:
+            ok = not any(isinstance(reply, LimiterUnavailable) for reply in replies)
+            if ok and self._down_since is not None:
+                self._recovered()
+        for (_, _, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # its request was cancelled meanwhile
+                continue
+            if isinstance(reply, BaseException):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def _run(self, batch: list[_Pending]) -> list[Any]:
+        """The replies, in order: one EVALSHA, or a pipeline of them (one round trip).
+
+        A script Redis does not know (``NOSCRIPT``) is sent again in full.
+        A Redis error for one decision (e.g. ``OOM``) fails that one only.
+        """
+        client = self.client
+        if len(batch) == 1:
+            keys, args, _ = batch[0]
+            try:
+                return [await client.evalsha(SCRIPT_SHA, keys, *args)]
+            except NoScriptError:
+                return [await client.eval(SCRIPT, keys, *args)]
+        pipe = client.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.evalsha(SCRIPT_SHA, keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if unknown:
+            pipe = client.pipeline(transaction=False)
+            for i in unknown:
+                pipe.eval(SCRIPT, batch[i][0], *batch[i][1])
+            again = await pipe.execute(raise_on_error=False)
+            for i, reply in zip(unknown, again, strict=True):
+                replies[i] = reply
+        for i, reply in enumerate(replies):
+            if isinstance(reply, RedisError):
+                self._failed(reply)
+                replies[i] = LimiterUnavailable(self.where)
+        return replies
 
     def _failed(self, exc: BaseException) -> None:
         now = self.clock()
@@ -160,5 +230,7 @@ class RedisLimiter(Limiter):
         self._failures = 0
 
     async def aclose(self) -> None:
+        for task in list(self._sending):
+            task.cancel()
         await self.client.aclose()
 
