@@ -194,8 +194,8 @@ async def test_closing_ends_decisions_still_waiting(redis_server: RedisServer) -
     waiting = asyncio.ensure_future(limiter.acquire([(GLOBAL, "global")]))
     await asyncio.sleep(0.05)
     await limiter.aclose()
-    # Cancelled, not left waiting (nor answered by the socket timeout, which would
-    # raise LimiterUnavailable 0.25 s after sending).
+    # Cancelled, not left waiting (nor answered by the 1 s socket timeout, which
+    # would raise LimiterUnavailable).
     with pytest.raises(asyncio.CancelledError):
         await waiting
 
@@ -230,18 +230,31 @@ async def test_unreachable_backend_fails_fast_backs_off_and_recovers(
     assert recovered.failedDecisions == 20  # type: ignore[attr-defined]
 
 
-async def test_a_backend_that_never_answers_times_out_quickly() -> None:
+async def test_a_silent_backend_costs_one_timeout_not_one_per_request() -> None:
     """A listening socket nobody reads: connect succeeds, the reply never comes."""
+    clock = FrozenClock()
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
-        silent.listen(16)
-        port = silent.getsockname()[1]
-        limiter = RedisLimiter(f"redis://127.0.0.1:{port}/0")
+        silent.listen(64)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        limiter = RedisLimiter(url, timeout=1.0, clock=clock)
         try:
             started = time.monotonic()
             with pytest.raises(LimiterUnavailable):
                 await limiter.acquire([(GLOBAL, "global")])
-            assert time.monotonic() - started < 3  # socket timeout 0.25 s, one retry
+            assert 0.9 < time.monotonic() - started < 1.9  # one timeout, not retried
+            # After the back-off one request probes; the others do not wait for it.
+            clock.now += 1.0
+            probe = asyncio.ensure_future(limiter.acquire([(GLOBAL, "global")]))
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            for _ in range(10):
+                with pytest.raises(LimiterUnavailable):
+                    await limiter.acquire([(GLOBAL, "global")])
+            assert time.monotonic() - started < 0.5
+            assert not probe.done()
+            with pytest.raises(LimiterUnavailable):
+                await probe
         finally:
             await limiter.aclose()
 

@@ -15,13 +15,17 @@ The script is sent by hash (``EVALSHA``); a Redis that does not know it (just
 restarted, ``SCRIPT FLUSH``) answers ``NOSCRIPT`` and the same call is sent once
 in full (``EVAL``, which also caches it again).
 
-A dead Redis must answer fast: short socket timeouts, one immediate retry (a
-pooled connection may have died with a Redis restart; the retry opens a fresh
-one), and after a failure requests for the next ``BACKOFF`` seconds are
-answered as unavailable without touching the network. Then the next request
-tries again: service comes back by itself when Redis does. Outages are logged
-when they start, every ``LOG_EVERY`` seconds while they last (with a count),
-and when they end — never one line per request.
+A dead Redis must answer fast. A refused or reset connection fails at once (one
+immediate retry on a fresh connection: a pooled one may have died with a Redis
+restart). A silent one costs ``TIMEOUT`` — once: after a failure, requests for
+the next ``BACKOFF`` seconds are answered as unavailable without touching the
+network, and then one batch probes while the others still get that answer at
+once. When a probe succeeds, service is back, with no restart. ``TIMEOUT`` is
+a second, not milliseconds, because it also measures this process's own event
+loop lag: a CPU-throttled pod (CFS quotas stall a container for tens of
+milliseconds at a time) must not turn its own slowness into a Redis outage and
+fail closed. Outages are logged when they start, every ``LOG_EVERY`` seconds
+while they last (with a count), and when they end — never one line per request.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from urllib.parse import urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from .base import Check, Decision, Limiter, LimiterUnavailable
@@ -44,8 +49,8 @@ from .base import Check, Decision, Limiter, LimiterUnavailable
 log = logging.getLogger("sidecar.limiter")
 
 KEY_PREFIX = "whs:rl:"
-SOCKET_TIMEOUT = 0.25  # a same-cluster Redis answers in well under a millisecond
-MAX_CONNECTIONS = 64  # per process; requests beyond wait up to SOCKET_TIMEOUT for one
+TIMEOUT = 1.0  # connect, read, and wait for a pooled connection
+MAX_CONNECTIONS = 64  # per process; batching rarely needs more than a few
 BACKOFF = 0.5
 LOG_EVERY = 30.0
 
@@ -96,7 +101,7 @@ class RedisLimiter(Limiter):
         url: str,
         *,
         prefix: str = KEY_PREFIX,
-        timeout: float = SOCKET_TIMEOUT,
+        timeout: float = TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backend = url
@@ -109,18 +114,22 @@ class RedisLimiter(Limiter):
             timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1),
+            # Retry a broken connection once; never a timeout: that would double it.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self.client = Redis.from_pool(pool)
         self._queue: list[_Pending] = []
         self._sending: set[asyncio.Task[None]] = set()
         self._down_since: float | None = None
         self._retry_at = 0.0
+        self._probe: asyncio.Task[None] | None = None  # the one batch testing a down Redis
         self._failures = 0
         self._logged_at = 0.0
 
     async def acquire(self, checks: Sequence[Check]) -> Decision:
-        if self._down_since is not None and self.clock() < self._retry_at:
+        if self._down_since is not None and (
+            self._probe is not None or self.clock() < self._retry_at
+        ):
             self._failures += 1
             raise LimiterUnavailable(self.where)
         args: list[str | int] = [self.prefix + key for _, key in checks]
@@ -138,6 +147,8 @@ class RedisLimiter(Limiter):
         """Send every decision asked for since the last flush, as one batch."""
         batch, self._queue = self._queue, []
         task = asyncio.ensure_future(self._send(batch))
+        if self._down_since is not None:
+            self._probe = task
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
@@ -158,6 +169,9 @@ class RedisLimiter(Limiter):
             ok = not any(isinstance(reply, LimiterUnavailable) for reply in replies)
             if ok and self._down_since is not None:
                 self._recovered()
+        finally:
+            if self._probe is asyncio.current_task():
+                self._probe = None
         for (_, _, future), reply in zip(batch, replies, strict=True):
             if future.done():  # its request was cancelled meanwhile
                 continue
