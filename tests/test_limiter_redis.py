@@ -8,12 +8,13 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
-from conftest import AGENT, Runtime, Sidecar, base_doc, free_port, write_config
+from conftest import AGENT, SECRET, Runtime, Sidecar, base_doc, free_port, write_config
 from redis_server import RedisServer, running_redis_server
 
 from sidecar.config import RateLimit
@@ -29,6 +30,13 @@ AGENT_BODY = {"agent": AGENT, "message": "Deployed v1.2.3"}
 def redis_server() -> Iterator[RedisServer]:
     with running_redis_server() as server:
         yield server
+
+
+@pytest.fixture
+async def limiter(redis_server: RedisServer) -> AsyncIterator[RedisLimiter]:
+    shared = RedisLimiter(redis_server.url)
+    yield shared
+    await shared.aclose()
 
 
 class FrozenClock:
@@ -61,130 +69,97 @@ def test_open_limiter_redis_and_logs_never_show_the_password() -> None:
     assert describe("redis://redis.internal") == "redis.internal:6379/0"
 
 
-async def test_decisions_match_the_memory_backend(redis_server: RedisServer) -> None:
-    shared = RedisLimiter(redis_server.url)
+async def test_decisions_match_the_memory_backend(limiter: RedisLimiter) -> None:
     local = MemoryLimiter()
-    pattern = ["a", "a", "a", "b", "a", "b", "c", "c", "b", "d"]
-    try:
-        for who in pattern:
-            checks = [(IP, f"ip:{who}"), (GLOBAL, "global")]
-            remote, mine = await shared.acquire(checks), local.take(checks)
-            assert remote.allowed == mine.allowed, who
-            # Both answer tat - now; they differ only by the time between the calls.
-            for r, m in zip(remote.ahead, mine.ahead, strict=True):
-                assert abs(r - m) < 500_000
-    finally:
-        await shared.aclose()
+    for who in ["a", "a", "a", "b", "a", "b", "c", "c", "b", "d"]:
+        checks = [(IP, f"ip:{who}"), (GLOBAL, "global")]
+        remote, mine = await limiter.acquire(checks), local.take(checks)
+        assert remote.allowed == mine.allowed, who
+        # Both answer tat - now; they differ only by the time between the calls.
+        for r, m in zip(remote.ahead, mine.ahead, strict=True):
+            assert abs(r - m) < 500_000
 
 
 async def test_keys_are_prefixed_and_expire_when_the_bucket_is_full(
-    redis_server: RedisServer,
+    limiter: RedisLimiter,
 ) -> None:
-    limiter = RedisLimiter(redis_server.url)
     fast = Policy("agent", RateLimit(requests=10, per=0.5, burst=5))  # full again in 0.5 s
-    try:
-        await limiter.acquire([(IP, "ip:192.0.2.1"), (GLOBAL, "global")])
-        await limiter.acquire([(fast, "agent:x")])
-        keys = sorted(await limiter.client.keys("*"))
-        assert keys == [b"whs:rl:agent:x", b"whs:rl:global", b"whs:rl:ip:192.0.2.1"]
-        ttl = await limiter.client.pttl(KEY_PREFIX + "ip:192.0.2.1")
-        assert 1_790_000 < ttl <= 1_800_000  # milliseconds: one token of 2/h refills in 30 min
-        assert 0 < await limiter.client.pttl(KEY_PREFIX + "agent:x") <= 50
-        await asyncio.sleep(0.2)
-        assert await limiter.client.exists(KEY_PREFIX + "agent:x") == 0
-    finally:
-        await limiter.aclose()
+    await limiter.acquire([(IP, "ip:192.0.2.1"), (GLOBAL, "global")])
+    await limiter.acquire([(fast, "agent:x")])
+    keys = sorted(await limiter.client.keys("*"))
+    assert keys == [b"whs:rl:agent:x", b"whs:rl:global", b"whs:rl:ip:192.0.2.1"]
+    ttl = await limiter.client.pttl(KEY_PREFIX + "ip:192.0.2.1")
+    assert 1_790_000 < ttl <= 1_800_000  # milliseconds: one token of 2/h refills in 30 min
+    assert 0 < await limiter.client.pttl(KEY_PREFIX + "agent:x") <= 50
+    await asyncio.sleep(0.2)
+    assert await limiter.client.exists(KEY_PREFIX + "agent:x") == 0
 
 
-async def test_refused_requests_charge_no_bucket(redis_server: RedisServer) -> None:
-    limiter = RedisLimiter(redis_server.url)
-    try:
-        for _ in range(2):
-            assert (await limiter.acquire([(IP, "ip:noisy"), (GLOBAL, "global")])).allowed
-        for _ in range(5):
-            assert not (await limiter.acquire([(IP, "ip:noisy"), (GLOBAL, "global")])).allowed
-        assert (await limiter.acquire([(IP, "ip:quiet"), (GLOBAL, "global")])).allowed
-        refused = await limiter.acquire([(IP, "ip:other"), (GLOBAL, "global")])
-        assert not refused.allowed
-        assert refused.ahead[0] == 0 and refused.ahead[1] > GLOBAL.tolerance - 1_000_000
-        assert await limiter.client.exists(KEY_PREFIX + "ip:other") == 0
-    finally:
-        await limiter.aclose()
+async def test_refused_requests_charge_no_bucket(limiter: RedisLimiter) -> None:
+    for _ in range(2):
+        assert (await limiter.acquire([(IP, "ip:noisy"), (GLOBAL, "global")])).allowed
+    for _ in range(5):
+        assert not (await limiter.acquire([(IP, "ip:noisy"), (GLOBAL, "global")])).allowed
+    assert (await limiter.acquire([(IP, "ip:quiet"), (GLOBAL, "global")])).allowed
+    refused = await limiter.acquire([(IP, "ip:other"), (GLOBAL, "global")])
+    assert not refused.allowed
+    assert refused.ahead[0] == 0 and refused.ahead[1] > GLOBAL.tolerance - 1_000_000
+    assert await limiter.client.exists(KEY_PREFIX + "ip:other") == 0
 
 
-async def test_an_unknown_script_is_sent_in_full_once(redis_server: RedisServer) -> None:
-    limiter = RedisLimiter(redis_server.url)
-    try:
-        await limiter.acquire([(GLOBAL, "global")])
-        await limiter.client.script_flush()  # what a Redis restart does to the cache
-        assert await limiter.client.script_exists(SCRIPT_SHA) == [False]
-        decision = await limiter.acquire([(GLOBAL, "global")])
-        assert decision.allowed and decision.ahead[0] > GLOBAL.interval  # the same bucket
-        assert await limiter.client.script_exists(SCRIPT_SHA) == [True]  # cached again
-    finally:
-        await limiter.aclose()
+async def test_an_unknown_script_is_sent_in_full_once(limiter: RedisLimiter) -> None:
+    await limiter.acquire([(GLOBAL, "global")])
+    await limiter.client.script_flush()  # what a Redis restart does to the cache
+    assert await limiter.client.script_exists(SCRIPT_SHA) == [False]
+    decision = await limiter.acquire([(GLOBAL, "global")])
+    assert decision.allowed and decision.ahead[0] > GLOBAL.interval  # the same bucket
+    assert await limiter.client.script_exists(SCRIPT_SHA) == [True]  # cached again
 
 
 async def test_concurrent_decisions_share_one_round_trip_and_stay_exact(
-    redis_server: RedisServer,
+    redis_server: RedisServer, limiter: RedisLimiter
 ) -> None:
     """50 requests at once: one pipeline on one connection, and still exactly 3 allowed."""
-    limiter = RedisLimiter(redis_server.url)
-    try:
-        decisions = await asyncio.gather(
-            *(limiter.acquire([(IP, f"ip:{i}"), (GLOBAL, "global")]) for i in range(50))
-        )
-        assert [d.allowed for d in decisions] == [True] * 3 + [False] * 47
-        clients = redis_server.command("CLIENT", "LIST")
-        assert clients is not None and clients.count(b"cmd=") == 2  # the limiter's and ours
-        stats = redis_server.command("INFO", "commandstats") or b""
-        assert b"cmdstat_evalsha:calls=50," in stats
-    finally:
-        await limiter.aclose()
+    decisions = await asyncio.gather(
+        *(limiter.acquire([(IP, f"ip:{i}"), (GLOBAL, "global")]) for i in range(50))
+    )
+    assert [d.allowed for d in decisions] == [True] * 3 + [False] * 47
+    clients = redis_server.command("CLIENT", "LIST")
+    assert clients is not None and clients.count(b"cmd=") == 2  # the limiter's and ours
+    stats = redis_server.command("INFO", "commandstats") or b""
+    assert b"cmdstat_evalsha:calls=50," in stats
 
 
 async def test_a_batch_after_script_flush_is_sent_again_in_full(
-    redis_server: RedisServer,
+    limiter: RedisLimiter,
 ) -> None:
-    limiter = RedisLimiter(redis_server.url)
-    try:
-        await limiter.acquire([(GLOBAL, "global")])
-        await limiter.client.script_flush()
-        decisions = await asyncio.gather(*(limiter.acquire([(GLOBAL, "global")]) for _ in range(4)))
-        assert [d.allowed for d in decisions] == [True, True, False, False]
-        assert await limiter.client.script_exists(SCRIPT_SHA) == [True]
-    finally:
-        await limiter.aclose()
+    await limiter.acquire([(GLOBAL, "global")])
+    await limiter.client.script_flush()
+    decisions = await asyncio.gather(*(limiter.acquire([(GLOBAL, "global")]) for _ in range(4)))
+    assert [d.allowed for d in decisions] == [True, True, False, False]
+    assert await limiter.client.script_exists(SCRIPT_SHA) == [True]
 
 
-async def test_an_error_for_one_decision_fails_only_that_one(redis_server: RedisServer) -> None:
-    limiter = RedisLimiter(redis_server.url)
-    try:
-        await limiter.client.hset(KEY_PREFIX + "ip:odd", "x", "1")  # GET on a hash: WRONGTYPE
-        results = await asyncio.gather(
-            limiter.acquire([(IP, "ip:a")]),
-            limiter.acquire([(IP, "ip:odd")]),
-            limiter.acquire([(IP, "ip:b")]),
-            return_exceptions=True,
-        )
-        assert isinstance(results[1], LimiterUnavailable)
-        assert [r.allowed for r in (results[0], results[2])] == [True, True]  # type: ignore[union-attr]
-    finally:
-        await limiter.aclose()
+async def test_an_error_for_one_decision_fails_only_that_one(limiter: RedisLimiter) -> None:
+    await limiter.client.hset(KEY_PREFIX + "ip:odd", "x", "1")  # GET on a hash: WRONGTYPE
+    results = await asyncio.gather(
+        limiter.acquire([(IP, "ip:a")]),
+        limiter.acquire([(IP, "ip:odd")]),
+        limiter.acquire([(IP, "ip:b")]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], LimiterUnavailable)
+    assert [r.allowed for r in (results[0], results[2])] == [True, True]  # type: ignore[union-attr]
 
 
-async def test_a_cancelled_request_does_not_disturb_its_batch(redis_server: RedisServer) -> None:
-    limiter = RedisLimiter(redis_server.url)
-    try:
-        first = asyncio.ensure_future(limiter.acquire([(GLOBAL, "global")]))
-        second = asyncio.ensure_future(limiter.acquire([(GLOBAL, "global")]))
-        await asyncio.sleep(0)  # both queued in one batch
-        first.cancel()
-        assert (await second).allowed
-        with pytest.raises(asyncio.CancelledError):
-            await first
-    finally:
-        await limiter.aclose()
+async def test_a_cancelled_request_does_not_disturb_its_batch(limiter: RedisLimiter) -> None:
+    first = asyncio.ensure_future(limiter.acquire([(GLOBAL, "global")]))
+    second = asyncio.ensure_future(limiter.acquire([(GLOBAL, "global")]))
+    await asyncio.sleep(0)  # both queued in one batch
+    first.cancel()
+    assert (await second).allowed
+    with pytest.raises(asyncio.CancelledError):
+        await first
 
 
 async def test_closing_ends_decisions_still_waiting(redis_server: RedisServer) -> None:
@@ -338,23 +313,14 @@ async def test_backend_down_with_fail_open_lets_requests_pass_and_counts_them(
 # ---------------------------------------------------------------- real processes
 
 
-def post(port: int, body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
-    import json
-    import urllib.error
-    import urllib.request
-
-    from conftest import SECRET
-
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/hooks/agent",
-        data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return resp.status, dict(resp.headers), json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), json.loads(exc.read())
+async def post(port: int, body: dict[str, Any]) -> tuple[int, Any, dict[str, Any]]:
+    """One call to a sidecar process, on a connection of its own."""
+    headers = {"Authorization": f"Bearer {SECRET}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://127.0.0.1:{port}/hooks/agent", json=body, headers=headers) as resp,
+    ):
+        return resp.status, resp.headers, await resp.json()
 
 
 @pytest.mark.slow
@@ -376,8 +342,8 @@ async def test_two_sidecar_processes_share_one_budget_exactly(
         procs.append(sidecar_process(write_config(folder, doc), admin))
         ports.append(port)
 
-    async def send(port: int) -> tuple[int, dict[str, str], dict[str, Any]]:
-        return await asyncio.to_thread(post, port, AGENT_BODY)
+    async def send(port: int) -> tuple[int, Any, dict[str, Any]]:
+        return await post(port, AGENT_BODY)
 
     # Both at once, in rounds: 2N requests, N allowed in total, not 2N.
     results = []
