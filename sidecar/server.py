@@ -17,7 +17,7 @@ from aiohttp import web
 
 from . import config, logs, tls
 from .admin import create_admin_app
-from .app import State, create_app
+from .app import PublicRunner, State, create_app
 from .metrics import Metrics
 from .reload import POLL_INTERVAL, Reloader
 
@@ -55,7 +55,7 @@ class Server:
         self.reloader = Reloader(self.state, self.path, self.tls, self._applied)
         public = create_app(self.state)
         public.cleanup_ctx.append(self.reloader.watching(watch_interval))
-        self._public = web.AppRunner(
+        self._public = PublicRunner(
             public,
             access_log=None,
             handler_cancellation=False,  # a client hanging up must not abort a forwarded call

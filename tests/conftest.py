@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from sidecar import config, devruntime
-from sidecar.app import State, create_app
+from sidecar.app import PublicRunner, State, create_app
 from sidecar.logs import AuditLog
 from sidecar.metrics import Metrics
 
@@ -66,6 +67,13 @@ def write_config(folder: Path, doc: dict[str, Any]) -> Path:
 @pytest.fixture(autouse=True)
 def _secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEST_WEBHOOK_SECRET", SECRET)
+
+
+class PublicTestServer(TestServer):
+    """The public app served as in production (:class:`PublicRunner`, no router)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return PublicRunner(self.app, **kwargs)
 
 
 class ListWriter:
@@ -151,7 +159,7 @@ async def make_sidecar(
         settings = config.load(write_config(short_tmp, doc), now=now)
         audit = ListWriter()
         state = State(settings, Metrics(), AuditLog(audit))  # type: ignore[arg-type]
-        client = await aiohttp_client(create_app(state))
+        client = await aiohttp_client(PublicTestServer(create_app(state)))
         return Sidecar(client, state, audit)
 
     return make

@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from clients import post
-from conftest import ListWriter, Runtime, base_doc, write_config
+from conftest import ListWriter, PublicTestServer, Runtime, base_doc, write_config
 
 from sidecar import config
 from sidecar.app import State, create_app
@@ -64,7 +63,7 @@ async def test_ipv6_peers(
     settings = config.load(write_config(short_tmp, base_doc(runtime.path, allowIps=allow)))
     state = State(settings, Metrics(), AuditLog(ListWriter()))  # type: ignore[arg-type]
     app: web.Application = create_app(state)
-    server = TestServer(app, host="::1")
+    server = PublicTestServer(app, host="::1")
     await server.start_server()
     try:
         status, _, body = await post(str(server.make_url("/hooks/wake")))

@@ -3,6 +3,8 @@ runtime on a real Unix socket. One test per error path, in the order SPEC checks
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -259,6 +261,46 @@ async def test_oversized_chunked_body_is_413(sidecar: Sidecar, runtime: Runtime)
     ) as resp:
         assert resp.status == 413
         assert (await resp.json())["error"] == "payload_too_large"
+    assert runtime.calls == []
+
+
+async def _expect_continue(sidecar: Sidecar, token: str) -> tuple[bytes, bytes]:
+    """A client that sends ``Expect: 100-continue`` and holds its body back: what arrives
+    before it sends the body, and what arrives after (empty when it never sends it)."""
+    body = json.dumps(AGENT_BODY).encode()
+    url = sidecar.client.make_url("/")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(
+            b"POST /hooks/agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + token.encode() + b"\r\nExpect: 100-continue\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        rest = b""
+        if first.startswith(b"HTTP/1.1 100 "):
+            writer.write(body)
+            rest = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        return first, rest
+    finally:
+        writer.close()
+
+
+async def test_expect_100_continue_is_answered_when_the_body_is_wanted(
+    sidecar: Sidecar, runtime: Runtime
+) -> None:
+    first, rest = await _expect_continue(sidecar, SECRET)
+    assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert rest.startswith(b"HTTP/1.1 200 ")
+    assert len(runtime.calls) == 1
+
+
+async def test_expect_100_continue_refused_before_the_body_never_asks_for_it(
+    sidecar: Sidecar, runtime: Runtime
+) -> None:
+    first, rest = await _expect_continue(sidecar, "not-the-secret")
+    assert first.startswith(b"HTTP/1.1 401 "), first
+    assert rest == b""
     assert runtime.calls == []
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from aiohttp import ClientPayloadError
+from aiohttp import ClientPayloadError, HttpVersion11
 from aiohttp.streams import EofStream
 
 from ..config import AGENT_NAME, SESSION_KEY, Settings
@@ -140,6 +140,8 @@ def json_body(settings: Settings) -> Guard:
         length = request.content_length
         if length is not None and length > max_bytes:
             raise too_large()
+        if request.headers.get("Expect") is not None:
+            await _continue(request)
         try:
             async with asyncio.timeout(limits.body_timeout):
                 body = await _read_limited(request.content, max_bytes, too_large)
@@ -160,6 +162,17 @@ def json_body(settings: Settings) -> Guard:
         call.body = decoded
 
     return guard
+
+
+async def _continue(request: Any) -> None:
+    """Answer ``Expect: 100-continue`` (RFC 9110 §10.1.1) now that the body is wanted.
+
+    Sent here rather than on arrival, so a call refused earlier (a bad token) is
+    answered without the client sending its body. Other expectations are ignored,
+    which the RFC allows (a 417 is a MAY)."""
+    if request.version == HttpVersion11 and request.headers["Expect"].lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim response is not the answer's size
 
 
 async def _read_limited(stream: Any, max_bytes: int, too_large: Callable[[], Reject]) -> bytes:
