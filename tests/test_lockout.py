@@ -113,6 +113,19 @@ def test_sliding_window_counts_only_recent_failures() -> None:
     assert len(table) == 0  # the ended lock is gone, and the count started over
 
 
+def test_stale_times_kept_for_a_while_are_not_counted() -> None:
+    """A record drops its stale front in batches (an eighth of it at a time): the ones it
+    still holds must not count towards the lock."""
+    policy = Lockout(max_failures=20, window=10.0, duration=1.0)
+    table = LockoutTable()
+    for t in range(10):  # 0..9: ten failures
+        assert not table.record_failure("a", policy, float(t))
+    # From here the one at 0 is out of the window but still in the record (1/11 stale).
+    for i in range(10):  # ten more: 19 live (1..9, then these), the 20th locks
+        assert not table.record_failure("a", policy, 10.5 + i * 0.01)
+    assert table.record_failure("a", policy, 10.7)
+
+
 def test_records_expire_without_further_traffic_from_that_address() -> None:
     table = LockoutTable()
     for i in range(100):

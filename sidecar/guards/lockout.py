@@ -90,9 +90,15 @@ class LockoutTable:
             count = 1
         else:
             recent = array("d", (previous,)) if isinstance(previous, float) else previous
-            del recent[: bisect_right(recent, horizon)]  # times only grow: a sorted array
+            stale = bisect_right(recent, horizon)  # times only grow: a sorted array
+            # Trimming the front moves the whole array: done only once the stale times
+            # are an eighth of it, so a large maxFailures costs O(1) per failure, not
+            # O(maxFailures) (a record holds at most 8/7 of its live times).
+            if stale * 8 >= len(recent):
+                del recent[:stale]
+                stale = 0
             recent.append(now)
-            count = len(recent)
+            count = len(recent) - stale
         if count >= policy.max_failures:
             if len(self.locks) >= self.max_entries:
                 self.locks.popitem(last=False)  # the lock that ends first
@@ -102,7 +108,7 @@ class LockoutTable:
         cap = min(self.max_entries, max(1, self.max_times // max(1, policy.max_failures - 1)))
         while len(failures) >= cap:
             failures.popitem(last=False)  # the least recently failed
-        failures[key] = recent[0] if count == 1 and not isinstance(recent, float) else recent
+        failures[key] = now if count == 1 else recent  # one live time: a bare float
         return False
 
     def _expire(self, now: float, window: float) -> None:
