@@ -2,7 +2,10 @@
 
 Error bodies differ only in their request id, so each (code, message) pair is
 serialised once and the id is spliced in; request ids are restricted to
-``[A-Za-z0-9._-]`` and need no escaping.
+``[A-Za-z0-9._-]`` and need no escaping. Success bodies are spelled out with
+the C string encoder, byte for byte what ``json.dumps`` wrote. Content-Type is
+passed as a header: aiohttp's ``content_type=`` argument parses it again on
+every response.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from aiohttp import web
 from .pipeline import Reject
 
 JSON = "application/json"
+_quote = json.encoder.encode_basestring_ascii  # what json.dumps uses for str
 
 
 @lru_cache(maxsize=512)
@@ -28,13 +32,12 @@ def error_body(code: str, message: str, request_id: str) -> bytes:
 
 
 def error_response(reject: Reject, request_id: str) -> web.Response:
-    headers = {"X-Request-Id": request_id}
+    headers = {"Content-Type": JSON, "X-Request-Id": request_id}
     if reject.headers:
         headers.update(reject.headers)
     return web.Response(
         status=reject.status,
         body=error_body(reject.code, reject.message, request_id),
-        content_type=JSON,
         headers=headers,
     )
 
@@ -42,18 +45,15 @@ def error_response(reject: Reject, request_id: str) -> web.Response:
 def ok_response(
     session: str, request_id: str, run_id: str | None, extra_headers: dict[str, str] | None
 ) -> web.Response:
-    payload: dict[str, object] = {
-        "status": "ok",
-        "session": session,
-        "queued": True,
-        "requestId": request_id,
-    }
-    if run_id is not None:
-        payload["runId"] = run_id
-    headers = {"X-Request-Id": request_id}
+    body = (
+        f'{{"status": "ok", "session": {_quote(session)}, "queued": true, '
+        f'"requestId": {_quote(request_id)}'
+    )
+    body += "}" if run_id is None else f', "runId": {_quote(run_id)}}}'
+    headers = {"Content-Type": JSON, "X-Request-Id": request_id}
     if extra_headers:
         headers.update(extra_headers)
-    return web.Response(body=json.dumps(payload).encode(), content_type=JSON, headers=headers)
+    return web.Response(body=body.encode(), headers=headers)
 
 
 INTERNAL_ERROR = Reject(500, "internal_error", "internal error; see the sidecar log")
