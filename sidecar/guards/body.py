@@ -52,6 +52,11 @@ def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder for the process: json.loads with hooks builds a new one (and its C scanner)
+# on every call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_object, parse_constant=_no_constants)
+
+
 def decode_object(body: bytes) -> dict[str, Any]:
     """One JSON object from UTF-8 bytes, or ``Reject(400, invalid_json)``."""
     try:
@@ -59,7 +64,7 @@ def decode_object(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise _invalid_json("the body is not valid UTF-8") from None
     try:
-        value = json.loads(text, object_pairs_hook=_unique_object, parse_constant=_no_constants)
+        value = _DECODER.decode(text)
     except _DuplicateKey:
         raise _invalid_json("the body has a duplicate key") from None
     except RecursionError:
@@ -142,9 +147,13 @@ def json_body(settings: Settings) -> Guard:
             raise too_large()
         if request.headers.get("Expect") is not None:
             await _continue(request)
+        stream = request.content
         try:
-            async with asyncio.timeout(limits.body_timeout):
-                body = await _read_limited(request.content, max_bytes, too_large)
+            if stream.is_eof():  # the whole body came with the head: nothing to wait for
+                body = await _read_limited(stream, max_bytes, too_large)
+            else:
+                async with asyncio.timeout(limits.body_timeout):
+                    body = await _read_limited(stream, max_bytes, too_large)
         except TimeoutError:
             raise _TIMEOUT() from None
         except (ConnectionError, EofStream, ClientPayloadError):
