@@ -286,6 +286,43 @@ async def _expect_continue(sidecar: Sidecar, token: str) -> tuple[bytes, bytes]:
         writer.close()
 
 
+async def _post_in_two_parts(sidecar: Sidecar, pause: float) -> bytes:
+    """A valid call whose body arrives in two writes ``pause`` seconds apart; the reply head."""
+    body = json.dumps(AGENT_BODY).encode()
+    url = sidecar.client.make_url("/")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(
+            b"POST /hooks/agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + SECRET.encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:10]
+        )
+        await writer.drain()
+        await asyncio.sleep(pause)
+        if not reader.at_eof():
+            writer.write(body[10:])
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+
+
+async def test_a_body_arriving_in_parts_within_body_timeout_is_read(
+    make_sidecar: Any, runtime: Runtime
+) -> None:
+    sidecar = await make_sidecar(base_doc(runtime.path, limits={"bodyTimeout": "2s"}))
+    head = await _post_in_two_parts(sidecar, 0.1)
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert len(runtime.calls) == 1
+
+
+async def test_a_body_slower_than_body_timeout_is_408(make_sidecar: Any, runtime: Runtime) -> None:
+    sidecar = await make_sidecar(base_doc(runtime.path, limits={"bodyTimeout": "200ms"}))
+    head = await _post_in_two_parts(sidecar, 1.0)
+    assert head.startswith(b"HTTP/1.1 408 "), head
+    assert runtime.calls == []
+    assert json.loads(sidecar.audit.lines[-1])["error"] == "request_timeout"
+
+
 async def test_expect_100_continue_is_answered_when_the_body_is_wanted(
     sidecar: Sidecar, runtime: Runtime
 ) -> None:
