@@ -110,6 +110,25 @@ async def upstream_sidecar(make_sidecar: Any, short_tmp: Path, **upstream: Any) 
 WAKE = {"agent": AGENT}
 
 
+async def test_forwarded_body_is_json_with_any_message_escaped(
+    make_sidecar: Any, short_tmp: Path, fake: Any
+) -> None:
+    """The body is spelled out by hand: byte for byte what json.dumps writes."""
+    rt = await fake(json_reply(200, {"ok": True}))
+    sc = await upstream_sidecar(make_sidecar, short_tmp)
+    message = 'quote " backslash \\ newline \n control \x01 \u00e9 \u2028 \U0001f600 end'
+    status, _, body = await sc.post("/hooks/agent", {**WAKE, "message": message})
+    assert status == 200, body
+    [(_, _, raw)] = rt.requests
+    want = {"agent": AGENT, "message": message, "sessionKey": "webhook-session",
+            "requestId": body["requestId"]}  # fmt: skip
+    assert raw == json.dumps(want).encode()
+    status, _, body = await sc.post("/hooks/wake", WAKE)
+    assert status == 200, body
+    want = {"agent": AGENT, "sessionKey": "webhook-session", "requestId": body["requestId"]}
+    assert rt.requests[1][2] == json.dumps(want).encode()
+
+
 async def test_forward_protocol_request_is_exactly_as_specified(make_sidecar: Any, short_tmp: Path, fake: Any) -> None:
     rt = await fake(json_reply(200, {"ok": True, "runId": "r-1"}))
     (short_tmp / "token").write_text("upstream-token-value\n")

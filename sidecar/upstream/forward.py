@@ -13,7 +13,6 @@ connection is 503 and no reply within ``upstream.timeout`` is 504 (see base.py).
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from ..config import Settings
 from ..pipeline import Call, Reject
@@ -29,6 +28,8 @@ from .base import (
 )
 from .pool import Pool, Response
 
+_quote = json.encoder.encode_basestring_ascii  # what json.dumps uses for str
+
 
 class Forwarder(BaseForwarder):
     """Sends a validated call to a ``forward``-protocol runtime; returns its runId."""
@@ -42,11 +43,11 @@ class Forwarder(BaseForwarder):
     def build(self, call: Call) -> bytes:
         agent = call.agent
         assert agent is not None
-        body: dict[str, Any] = {"agent": agent.name}
+        # Spelled out with the C string encoder: what json.dumps wrote, for a third of it.
+        body = '{"agent": ' + _quote(agent.name)
         if call.endpoint == "agent":
-            body["message"] = call.body["message"]
-        body["sessionKey"] = call.session
-        body["requestId"] = call.request_id
+            body += ', "message": ' + _quote(call.body["message"])
+        body += f', "sessionKey": {_quote(call.session)}, "requestId": {_quote(call.request_id)}}}'
         headers = [
             ("Content-Type", "application/json"),
             ("X-Request-Id", call.request_id),
@@ -57,7 +58,7 @@ class Forwarder(BaseForwarder):
             headers.append(("Authorization", self.auth_header))
         headers += idempotency_key(call)
         return request_bytes(
-            f"/hooks/{call.endpoint}", self.host, headers, json.dumps(body).encode()
+            f"/hooks/{call.endpoint}", self.host, headers, body.encode()
         )
 
     def reply(self, call: Call, response: Response) -> str | None:
