@@ -45,8 +45,10 @@ def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = _ns()
-        result = fn(*args, **kwargs)
-        COSTS[name] += _ns() - start
+        try:
+            result = fn(*args, **kwargs)
+        finally:  # a guard that refuses raises: its time counts too
+            COSTS[name] += _ns() - start
         if result is not None and hasattr(result, "__await__"):
             return _timed_await(name, result)
         return result
