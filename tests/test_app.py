@@ -264,18 +264,29 @@ async def test_oversized_chunked_body_is_413(sidecar: Sidecar, runtime: Runtime)
     assert runtime.calls == []
 
 
+RAW_BODY = json.dumps(AGENT_BODY).encode()
+
+
+async def _raw_post(
+    sidecar: Sidecar, token: str, extra: bytes = b""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection with the head of a valid-looking POST written, and no body yet."""
+    url = sidecar.client.make_url("/")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(
+        b"POST /hooks/agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + token.encode() + b"\r\n" + extra
+        + b"Content-Length: " + str(len(RAW_BODY)).encode() + b"\r\n\r\n"
+    )  # fmt: skip
+    return reader, writer
+
+
 async def _expect_continue(sidecar: Sidecar, token: str) -> tuple[bytes, bytes]:
     """A client that sends ``Expect: 100-continue`` and holds its body back: what arrives
     before it sends the body, and what arrives after (empty when it never sends it)."""
-    body = json.dumps(AGENT_BODY).encode()
-    url = sidecar.client.make_url("/")
-    reader, writer = await asyncio.open_connection(url.host, url.port)
+    body = RAW_BODY
+    reader, writer = await _raw_post(sidecar, token, b"Expect: 100-continue\r\n")
     try:
-        writer.write(
-            b"POST /hooks/agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + token.encode() + b"\r\nExpect: 100-continue\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
-        )
         first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         rest = b""
         if first.startswith(b"HTTP/1.1 100 "):
@@ -288,15 +299,10 @@ async def _expect_continue(sidecar: Sidecar, token: str) -> tuple[bytes, bytes]:
 
 async def _post_in_two_parts(sidecar: Sidecar, pause: float) -> bytes:
     """A valid call whose body arrives in two writes ``pause`` seconds apart; the reply head."""
-    body = json.dumps(AGENT_BODY).encode()
-    url = sidecar.client.make_url("/")
-    reader, writer = await asyncio.open_connection(url.host, url.port)
+    body = RAW_BODY
+    reader, writer = await _raw_post(sidecar, SECRET)
     try:
-        writer.write(
-            b"POST /hooks/agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + SECRET.encode() + b"\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:10]
-        )
+        writer.write(body[:10])
         await writer.drain()
         await asyncio.sleep(pause)
         if not reader.at_eof():
