@@ -17,6 +17,8 @@ import time
 from datetime import UTC, datetime
 from typing import IO, Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 AUDIT_KEYS = (
     "time", "requestId", "clientIp", "endpoint", "agent", "outcome", "status", "error",
     "secretId", "durationMs",
@@ -141,7 +143,26 @@ def setup(level: str = "info", fmt: str = "json", stream: IO[str] | None = None)
     root.addHandler(_Handler(writer, fmt))
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").disabled = True
+    logging.getLogger("aiohttp.server").addFilter(_without_raw_request)
     return writer, AuditLog(writer, fmt)
+
+
+def _without_raw_request(record: logging.LogRecord) -> bool:
+    """aiohttp logs a request it could not parse at error level with the parser's message,
+    which quotes the raw bytes around the fault — a bearer token in a header with a bad
+    byte, or the whole request when its lines end in a bare LF. Keep the line (who, which
+    status, which kind of fault), drop the bytes (SPEC §3: raw bytes are never logged).
+    It is the client's fault, so a warning, not an error."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError):
+        if not logging.getLogger().isEnabledFor(logging.WARNING):
+            return False
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = "refused a malformed request from %s"
+        record.status = exc.code
+        record.fault = type(exc).__name__
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def set_level(level: str) -> None:
