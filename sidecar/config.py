@@ -140,6 +140,7 @@ class Limits:
     max_message_chars: int = 32768
     header_timeout: float = 10.0
     body_timeout: float = 10.0
+    max_connections: int = 1024  # open public connections per process (not in SPEC: README)
 
 
 @dataclass(frozen=True, slots=True)
@@ -583,7 +584,7 @@ class _Builder:
 
     def limits(self, value: object) -> Limits | None:
         p = "sidecar.limits"
-        keys = ["maxBodyBytes", "maxMessageChars", "headerTimeout", "bodyTimeout"]
+        keys = ["maxBodyBytes", "maxMessageChars", "headerTimeout", "bodyTimeout", "maxConnections"]
         doc = self.obj(p, value, keys)
         if doc is None:
             return None
@@ -592,6 +593,7 @@ class _Builder:
             self.field(p, doc, "maxMessageChars", _int_between(1, 16 * 1024 * 1024), 32768),
             self.field(p, doc, "headerTimeout", parse_duration, 10.0),
             self.field(p, doc, "bodyTimeout", parse_duration, 10.0),
+            self.field(p, doc, "maxConnections", _int_between(1, 1_000_000), 1024),
         )
 
     def readable_file(self, value: object) -> Path:

@@ -10,6 +10,7 @@ given on a fresh TCP connection and parses what comes back: status, headers and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -133,8 +134,6 @@ async def exchange(
         closed = True
     finally:
         writer.close()
-        try:
+        with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
-        except ConnectionError:
-            pass
     return responses, closed

@@ -182,6 +182,8 @@ def test_bad_durations(value: Any) -> None:
         ({**minimal(), "sidecar": {"rateLimit": {"global": {"requests": 1.5}}}}, "sidecar.rateLimit.global.requests: must be a whole number"),
         ({**minimal(), "sidecar": {"authLockout": {"maxFailures": 0}}}, "sidecar.authLockout.maxFailures: must be between 1"),
         ({**minimal(), "sidecar": {"limits": {"maxBodyBytes": "64k"}}}, "sidecar.limits.maxBodyBytes: must be a whole number"),
+        ({**minimal(), "sidecar": {"limits": {"maxConnections": 0}}}, "sidecar.limits.maxConnections: must be between 1 and 1000000"),
+        ({**minimal(), "sidecar": {"limits": {"maxConnections": "1k"}}}, "sidecar.limits.maxConnections: must be a whole number"),
         ({**minimal(), "sidecar": {"tls": {"certFile": "/nonexistent.pem", "keyFile": "/nonexistent.pem"}}}, "sidecar.tls.certFile: cannot read file"),
         ({**minimal(), "sidecar": {"tls": {"certFile": "/etc/hostname", "keyFile": "/etc/hostname", "minVersion": "1.1"}}}, "sidecar.tls.minVersion: must be one of '1.2', '1.3'"),
         ({**minimal(), "sidecar": {"log": {"level": "loud"}}}, "sidecar.log.level: must be one of"),
@@ -272,3 +274,9 @@ def test_body_limit_above_the_openclaw_gateways_cap_is_a_warning(
     found = [w for w in config.security_warnings(loads(json.dumps(doc))) if "maxBodyBytes" in w]
     assert len(found) == int(warned)
     assert all("262144" in w and OTHER_SECRET not in w for w in found)
+
+
+def test_max_connections_defaults_to_1024_and_can_be_set() -> None:
+    assert loads(json.dumps(minimal())).sidecar.limits.max_connections == 1024
+    doc = {**minimal(), "sidecar": {"limits": {"maxConnections": 50}}}
+    assert loads(json.dumps(doc)).sidecar.limits.max_connections == 50
