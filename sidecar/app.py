@@ -23,7 +23,9 @@ from .guards.body import json_body
 from .guards.clientip import client_address
 from .guards.enabled import webhooks_enabled
 from .guards.lockout import LockoutTable, auth_lockout, failure_recorder
+from .guards.ratelimit import InFlight, agent_limits, client_limits
 from .guards.routing import no_token_in_query, route
+from .limiter import Limiter, open_limiter
 from .logs import AuditLog
 from .metrics import Metrics
 from .pipeline import Call, Guard, Reject
@@ -35,7 +37,7 @@ from .upstream.pool import Pool
 log = logging.getLogger("sidecar")
 
 
-def pipeline(settings: Settings, state: State) -> list[Guard]:
+def pipeline(settings: Settings, state: State, limiter: Limiter) -> list[Guard]:
     """The guard chain, in SPEC §3 order: cheap, unauthenticated checks first, and
     nothing about agents revealed before authentication. ``None`` entries are
     controls the config leaves off."""
@@ -46,10 +48,14 @@ def pipeline(settings: Settings, state: State) -> list[Guard]:
         route(),  # 404 not_found, 405 method_not_allowed
         no_token_in_query(),  # 400 token_in_query: URLs leak into logs
         bearer_auth(settings, failure_recorder(settings, state.lockout)),  # 401 unauthorized
+        # 429 rate_limited (per-IP, global), 503 limiter_unavailable: authenticated calls only
+        client_limits(settings, limiter, state.metrics),
         webhooks_enabled(settings),  # 503 webhooks_disabled
         json_body(settings),  # 413, 408, 415, 400 invalid_json / invalid_request
         agent_lookup(settings),  # 404 agent_not_found, 403 agent_not_permitted
         session_key_policy(settings),  # 403 session_key_not_allowed
+        # 429 rate_limited (the agent's limit, maxConcurrent): last, so a refused call costs nothing
+        agent_limits(settings, limiter, state.in_flight, state.metrics),
     ]
     return [g for g in guards if g is not None]
 
@@ -64,13 +70,17 @@ class Runtime:
 
 
 class State:
-    """What lives as long as the process: metrics, lockout memory, the upstream pool."""
+    """What lives as long as the process: metrics, lockout memory, the upstream pool,
+    the rate limiter and the calls in flight per agent."""
 
     def __init__(self, settings: Settings, metrics: Metrics, audit: AuditLog) -> None:
         self.metrics = metrics
         self.audit = audit
         self.lockout = LockoutTable()
         self.pool: Pool | None = None
+        self.limiter: Limiter | None = None  # opened by apply(), on the running loop
+        self.retired_limiters: list[Limiter] = []
+        self.in_flight = InFlight()
         self.draining = False
         self._initial = settings
         self.runtime: Runtime | None = None
@@ -90,8 +100,14 @@ class State:
         if fresh:
             pool = make_pool(settings)
         assert pool is not None
+        # Buckets survive reloads that keep the backend. A new limiter opens no
+        # connection until used, so a failed build below has nothing to close.
+        limiter = self.limiter
+        backend = settings.sidecar.rate_limit.backend
+        if limiter is None or limiter.backend != backend:
+            limiter = open_limiter(backend)
         try:
-            guards = tuple(pipeline(settings, self))
+            guards = tuple(pipeline(settings, self, limiter))
             forward = make_forwarder(settings, pool, old.forward if old is not None else None)
         except BaseException:
             if fresh:
@@ -100,11 +116,23 @@ class State:
         previous, self.pool, self.runtime = self.pool, pool, Runtime(settings, guards, forward)
         if fresh and previous is not None:
             previous.close()  # idle connections only; calls in flight finish on theirs
+        if limiter is not self.limiter:
+            if self.limiter is not None:  # calls in flight may still use it: closed at exit
+                self.retired_limiters.append(self.limiter)
+            self.limiter = limiter
         self.metrics.configure(settings)
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
+
+    async def close_limiters(self) -> None:
+        limiters, self.retired_limiters = self.retired_limiters, []
+        if self.limiter is not None:
+            limiters.append(self.limiter)
+            self.limiter = None
+        for limiter in limiters:
+            await limiter.aclose()
 
 
 def _endpoint(settings: Settings) -> tuple[object, ...]:
@@ -175,10 +203,17 @@ async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
     state.close()
 
 
+async def _limiter(app: web.Application) -> AsyncIterator[None]:
+    """The limiter (a Redis connection pool) is closed on the loop it ran on."""
+    yield
+    await app[STATE].close_limiters()
+
+
 def create_app(state: State) -> web.Application:
     """The public listener's app: one catch-all route, because routing is a guard."""
     app = web.Application(handler_args={"max_field_size": 8190, "max_line_size": 8190})
     app[STATE] = state
     app.router.add_route("*", "/{tail:.*}", handle)
     app.cleanup_ctx.append(_upstream_pool)
+    app.cleanup_ctx.append(_limiter)
     return app

@@ -62,6 +62,12 @@ class Metrics:
         self.in_flight = Gauge(
             p + "in_flight_requests", "Requests being handled on the public listener.", registry=r
         )
+        self.limiter_fail_open = Counter(
+            p + "limiter_fail_open_total",
+            "Requests let through unchecked because the shared rate-limit backend was "
+            "unreachable (rateLimit.failOpen: true).",
+            registry=r,
+        )
         for endpoint in ENDPOINTS:
             self.request_duration.labels(endpoint)
             self.upstream_duration.labels(endpoint)
