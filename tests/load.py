@@ -38,6 +38,7 @@ class Result:
     retry_after: str | None
     latency: float
     request_id: str | None = None
+    at: float = 0.0  # time.monotonic() when it finished
 
 
 async def call(
@@ -59,9 +60,11 @@ async def call(
                 resp.headers.get("Retry-After"),
                 time.perf_counter() - started,
                 resp.headers.get("X-Request-Id"),
+                time.monotonic(),
             )
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        return Result(0, type(exc).__name__, None, time.perf_counter() - started)
+        latency = time.perf_counter() - started
+        return Result(0, type(exc).__name__, None, latency, None, time.monotonic())
 
 
 async def run_load(
