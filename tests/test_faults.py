@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import AGENT, OTHER_SECRET, SECRET, base_doc, free_port
 from load import Result, RuntimeProcess, run_load, summary
 from redis_server import running_redis_server
-
-from conftest import AGENT, OTHER_SECRET, SECRET, base_doc, free_port
 
 pytestmark = pytest.mark.slow
 
