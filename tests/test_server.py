@@ -137,3 +137,29 @@ async def test_headers_trickling_in_are_cut_off_at_header_timeout(
     writer.close()
     assert closed_after is not None, "the trickling connection was never closed"
     assert 0.9 < closed_after < 5
+
+
+async def test_client_hanging_up_mid_body_is_audited_not_an_internal_error(
+    runtime: Runtime, short_tmp: Path, sidecar_process: Any
+) -> None:
+    import asyncio
+
+    port, admin = free_port(), free_port()
+    proc = sidecar_process(write_config(short_tmp, process_doc(runtime.path, port, admin)), admin)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /hooks/agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + SECRET.encode() + b"\r\nContent-Length: 500\r\n\r\n{\"agent\""
+    )
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.close()
+    for _ in range(50):
+        audit = [e for e in proc.json_lines() if "outcome" in e]
+        if audit:
+            break
+        await asyncio.sleep(0.1)
+    [entry] = audit
+    assert (entry["status"], entry["error"]) == (400, "invalid_request")
+    assert not [e for e in proc.json_lines() if e.get("level") == "error"]
+    assert runtime.calls == []

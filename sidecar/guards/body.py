@@ -10,12 +10,14 @@ wrong type, unknown or out of bounds.
 
 from __future__ import annotations
 
-from functools import partial
-
 import asyncio
 import json
 from collections.abc import Callable
+from functools import partial
 from typing import Any
+
+from aiohttp import ClientPayloadError
+from aiohttp.streams import EofStream
 
 from ..config import AGENT_NAME, SESSION_KEY, Settings
 from ..pipeline import Call, Guard, Reject
@@ -28,6 +30,9 @@ IDEMPOTENCY_KEY_MAX = 256
 
 _UNSUPPORTED = partial(
     Reject, 415, "unsupported_media_type", "Content-Type must be application/json (UTF-8)"
+)
+_INCOMPLETE = partial(
+    Reject, 400, "invalid_request", "the connection closed before the body was complete"
 )
 _TIMEOUT = partial(Reject, 408, "request_timeout", "the request body did not arrive in time")
 
@@ -141,6 +146,10 @@ def json_body(settings: Settings) -> Guard:
                 body = await _read_limited(request.content, max_bytes, too_large)
         except TimeoutError:
             raise _TIMEOUT() from None
+        except (ConnectionError, EofStream, ClientPayloadError):
+            # The client hung up (or broke the framing) mid-body: nobody will read
+            # this answer, but the audit log records an incomplete request, not a bug.
+            raise _INCOMPLETE() from None
         if request.content_type != "application/json":
             raise _UNSUPPORTED()
         charset = request.charset
