@@ -32,6 +32,7 @@ SECRETS = [
     "ShortSecretXYZ",
     "\ud800" + SECRET,
 ]
+OLD_SECRET = "9c4e1f7a2b8d3e6f0a5c9b1d4e7f2a8c3b6d9e0f1a4c7b2d5e8f3a6c9b0d2e4f"
 KEY_PATH = re.compile(r"(config|webhooks|sidecar)([.\[:]|$)")
 
 json_scalars = (
@@ -73,12 +74,22 @@ secret_values = st.sampled_from(SECRETS)
 secret_sources = st.one_of(
     secret_values,
     st.fixed_dictionaries({"value": secret_values}),
-    st.sampled_from([
-        {"env": "TEST_WEBHOOK_SECRET"}, {"env": "WHS_UNSET"}, {"env": ""}, {"env": "A\x00B"},
-        {"file": "/nonexistent/secret"}, {"file": "/dev/zero"}, {"file": "/etc"}, {"file": "a\x00b"},
-        {"file": "\ud800"}, {"value": SECRET, "env": "TEST_WEBHOOK_SECRET"}, {},
-    ]),
-)  # fmt: skip
+    st.sampled_from(
+        [
+            {"env": "TEST_WEBHOOK_SECRET"},
+            {"env": "WHS_UNSET"},
+            {"env": ""},
+            {"env": "A\x00B"},
+            {"file": "/nonexistent/secret"},
+            {"file": "/dev/zero"},
+            {"file": "/etc"},
+            {"file": "a\x00b"},
+            {"file": "\ud800"},
+            {"value": SECRET, "env": "TEST_WEBHOOK_SECRET"},
+            {},
+        ]
+    ),
+)
 timestamps = st.sampled_from(
     [
         "2020-01-01T00:00:00Z",
@@ -233,7 +244,7 @@ sidecar = obj(
                 "token": secret_sources,
                 "timeout": durations,
             }
-        ),  # fmt: skip
+        ),
         "allowIps": st.lists(networks, max_size=3),
         "trustedProxies": st.lists(networks, max_size=3),
         "rateLimit": obj(
@@ -253,7 +264,7 @@ sidecar = obj(
                 "bodyTimeout": durations,
                 "maxConnections": ints,
             }
-        ),  # fmt: skip
+        ),
         "minSecretLength": ints,
         "shutdownTimeout": durations,
         "log": obj(
@@ -274,13 +285,22 @@ VALID: dict[str, Any] = {
         "enabled": True,
         "secrets": [
             {"id": "current", "env": "TEST_WEBHOOK_SECRET"},
-            {"id": "old", "value": "9c4e1f7a2b8d3e6f0a5c9b1d4e7f2a8c3b6d9e0f1a4c7b2d5e8f3a6c9b0d2e4f", "notAfter": "2999-01-01T00:00:00Z", "agents": ["my-agent"]},
+            {
+                "id": "old",
+                "value": OLD_SECRET,
+                "notAfter": "2999-01-01T00:00:00Z",
+                "agents": ["my-agent"],
+            },
         ],
         "agents": {
             "my-agent": {
-                "sessionKey": "s", "allowRequestSessionKey": True, "sessionKeyPrefixes": ["order-"],
-                "rateLimit": {"requests": 10, "per": "1m", "burst": 5}, "maxConcurrent": 4,
-                "agentId": "main", "wakeText": "wake",
+                "sessionKey": "s",
+                "allowRequestSessionKey": True,
+                "sessionKeyPrefixes": ["order-"],
+                "rateLimit": {"requests": 10, "per": "1m", "burst": 5},
+                "maxConcurrent": 4,
+                "agentId": "main",
+                "wakeText": "wake",
             },
             "other": {},
         },
@@ -288,33 +308,69 @@ VALID: dict[str, Any] = {
     "sidecar": {
         "listen": "127.0.0.1:8080",
         "admin": {"listen": "127.0.0.1:9090"},
-        "upstream": {"socket": "/run/x.sock", "protocol": "forward", "token": {"value": "upstream-token-1"}, "timeout": "10s"},
+        "upstream": {
+            "socket": "/run/x.sock",
+            "protocol": "forward",
+            "token": {"value": "upstream-token-1"},
+            "timeout": "10s",
+        },
         "allowIps": ["10.0.0.0/8"],
         "trustedProxies": ["127.0.0.1"],
         "rateLimit": {
-            "perIp": {"requests": 60, "per": "1m", "burst": 20}, "global": {"requests": 100, "per": "1s"},
-            "backend": "memory", "failOpen": False,
+            "perIp": {"requests": 60, "per": "1m", "burst": 20},
+            "global": {"requests": 100, "per": "1s"},
+            "backend": "memory",
+            "failOpen": False,
         },
         "authLockout": {"maxFailures": 10, "window": "1m", "duration": "5m"},
-        "limits": {"maxBodyBytes": 65536, "maxMessageChars": 32768, "headerTimeout": "10s", "bodyTimeout": "10s", "maxConnections": 1024},
+        "limits": {
+            "maxBodyBytes": 65536,
+            "maxMessageChars": 32768,
+            "headerTimeout": "10s",
+            "bodyTimeout": "10s",
+            "maxConnections": 1024,
+        },
         "minSecretLength": 32,
         "shutdownTimeout": "15s",
         "log": {"level": "info", "format": "json"},
     },
-}  # fmt: skip
+}
 LEAF = {
-    "enabled": st.booleans(), "secret": secret_sources, "sessionKey": session_keys,
-    "sessionKeyPrefixes": st.lists(session_keys, max_size=3), "agentId": names, "id": names,
-    "notAfter": timestamps, "notBefore": timestamps, "agents": st.lists(names, max_size=2),
-    "value": secret_values, "env": st.sampled_from(["TEST_WEBHOOK_SECRET", "WHS_UNSET", "\ud800"]),
-    "listen": listens, "socket": st.sampled_from(["/x.sock", "", "/x\x00", "/" + "s" * 120]), "url": urls,
-    "token": secret_sources, "backend": backends, "allowIps": st.lists(networks, max_size=3),
-    "trustedProxies": st.lists(networks, max_size=3), "protocol": st.sampled_from(["forward", "openclaw", "x"]),
-    "requests": ints, "burst": ints, "maxConcurrent": ints, "maxFailures": ints, "maxBodyBytes": ints,
-    "maxMessageChars": ints, "maxConnections": ints, "minSecretLength": ints,
-    "per": durations, "timeout": durations, "window": durations, "duration": durations,
-    "headerTimeout": durations, "bodyTimeout": durations, "shutdownTimeout": durations,
-}  # fmt: skip
+    "enabled": st.booleans(),
+    "secret": secret_sources,
+    "sessionKey": session_keys,
+    "sessionKeyPrefixes": st.lists(session_keys, max_size=3),
+    "agentId": names,
+    "id": names,
+    "notAfter": timestamps,
+    "notBefore": timestamps,
+    "agents": st.lists(names, max_size=2),
+    "value": secret_values,
+    "env": st.sampled_from(["TEST_WEBHOOK_SECRET", "WHS_UNSET", "\ud800"]),
+    "listen": listens,
+    "socket": st.sampled_from(["/x.sock", "", "/x\x00", "/" + "s" * 120]),
+    "url": urls,
+    "token": secret_sources,
+    "backend": backends,
+    "allowIps": st.lists(networks, max_size=3),
+    "trustedProxies": st.lists(networks, max_size=3),
+    "protocol": st.sampled_from(["forward", "openclaw", "x"]),
+    "requests": ints,
+    "burst": ints,
+    "maxConcurrent": ints,
+    "maxFailures": ints,
+    "maxBodyBytes": ints,
+    "maxMessageChars": ints,
+    "maxConnections": ints,
+    "minSecretLength": ints,
+    "per": durations,
+    "timeout": durations,
+    "window": durations,
+    "duration": durations,
+    "headerTimeout": durations,
+    "bodyTimeout": durations,
+    "shutdownTimeout": durations,
+}
 
 
 def paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
