@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -29,6 +31,8 @@ from typing import Any
 import aiohttp
 
 TIMEOUT = 30.0
+_ids = itertools.count()
+_run = os.urandom(3).hex()  # two processes (a flood and the test) never share an id
 
 
 @dataclass(frozen=True)
@@ -37,17 +41,20 @@ class Result:
     code: str | None  # the SPEC §3 error code, "ok", or the transport error's name
     retry_after: str | None
     latency: float
-    request_id: str | None = None
+    request_id: str  # sent as X-Request-Id: the runtime's calls carry it
     at: float = 0.0  # time.monotonic() when it finished
 
 
 async def call(
     session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
 ) -> Result:
-    """One POST; never raises for a transport error, it becomes ``status=0``."""
+    """One POST with a fresh X-Request-Id; a transport error becomes ``status=0``."""
+    request_id = f"load-{next(_ids)}-{_run}"
     started = time.perf_counter()
     try:
-        async with session.post(url, data=body, headers=headers) as resp:
+        async with session.post(
+            url, data=body, headers={**headers, "X-Request-Id": request_id}
+        ) as resp:
             raw = await resp.read()
             try:
                 parsed = json.loads(raw)
@@ -59,12 +66,12 @@ async def call(
                 code,
                 resp.headers.get("Retry-After"),
                 time.perf_counter() - started,
-                resp.headers.get("X-Request-Id"),
+                request_id,
                 time.monotonic(),
             )
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         latency = time.perf_counter() - started
-        return Result(0, type(exc).__name__, None, latency, None, time.monotonic())
+        return Result(0, type(exc).__name__, None, latency, request_id, time.monotonic())
 
 
 async def run_load(

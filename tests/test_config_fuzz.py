@@ -488,7 +488,7 @@ async def build(loaded: config.Settings) -> None:
     await state.close_limiters()
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(texts())
 def test_any_document_loads_or_names_its_key_paths(text: str) -> None:
     check(text)
@@ -506,7 +506,7 @@ def test_the_generator_reaches_valid_documents_too() -> None:
     loaded = 0
 
     @settings(
-        max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck)
     )
     @given(mutated())
     def count(doc: dict[str, Any]) -> None:
