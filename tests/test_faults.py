@@ -20,23 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AGENT, OTHER_SECRET, SECRET, base_doc, free_port
+from clients import listening_doc
+from conftest import AGENT, OTHER_SECRET, SECRET
 from load import Result, RuntimeProcess, run_load, summary
 from redis_server import running_redis_server
 
 pytestmark = pytest.mark.slow
 
 BODY = {"agent": AGENT, "message": "under fault"}
-
-
-def process_doc(runtime_path: Path, **sidecar: Any) -> dict[str, Any]:
-    return base_doc(
-        runtime_path,
-        listen=f"127.0.0.1:{free_port()}",
-        admin={"listen": f"127.0.0.1:{free_port()}"},
-        shutdownTimeout="5s",
-        **sidecar,
-    )
 
 
 def write_atomically(path: Path, doc: dict[str, Any]) -> None:
@@ -97,7 +88,7 @@ async def test_runtime_restarting_under_load(short_tmp: Path, sidecar_process: A
     upstream.timeout, and the sidecar serves again once the runtime is back."""
     runtime = RuntimeProcess(short_tmp / "rt.sock")
     runtime.start()
-    doc = process_doc(
+    doc = listening_doc(
         runtime.socket_path, upstream={"socket": str(runtime.socket_path), "timeout": "2s"}
     )
     _, url, _ = start_sidecar(sidecar_process, short_tmp, doc)
@@ -135,7 +126,7 @@ async def test_reload_every_second_under_load_fails_no_request(
     a, b = RuntimeProcess(short_tmp / "a.sock"), RuntimeProcess(short_tmp / "b.sock")
     a.start()
     b.start()
-    doc = process_doc(a.socket_path)
+    doc = listening_doc(a.socket_path)
     proc, url, path = start_sidecar(sidecar_process, short_tmp, doc)
     reloads = 8
 
@@ -186,7 +177,7 @@ async def test_redis_disappearing_and_returning_under_load(
     runtime.start()
     with running_redis_server() as redis:
         limit = {"requests": 100_000, "per": "1s"}
-        doc = process_doc(runtime.socket_path, rateLimit={
+        doc = listening_doc(runtime.socket_path, rateLimit={
             "backend": redis.url, "perIp": limit, "global": limit, "failOpen": fail_open,
         })  # fmt: skip
         _, url, _ = start_sidecar(sidecar_process, short_tmp, doc)
