@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .config import Settings
 from .guards.agents import agent_lookup, session_key_policy
@@ -209,9 +210,21 @@ async def _limiter(app: web.Application) -> AsyncIterator[None]:
     await app[STATE].close_limiters()
 
 
+@web.middleware
+async def _unroutable(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Targets aiohttp's router cannot even try (CONNECT's ``host:port``, ``OPTIONS *``,
+    ``http://host`` with no path) go to :func:`handle` too: the router would answer them
+    with a text 404 — no SPEC body, no X-Request-Id, no audit line, no metric."""
+    if request.match_info.http_exception is not None:
+        return await handle(request)
+    return await handler(request)
+
+
 def create_app(state: State) -> web.Application:
     """The public listener's app: one catch-all route, because routing is a guard."""
-    app = web.Application(handler_args={"max_field_size": 8190, "max_line_size": 8190})
+    app = web.Application(
+        middlewares=[_unroutable], handler_args={"max_field_size": 8190, "max_line_size": 8190}
+    )
     app[STATE] = state
     app.router.add_route("*", "/{tail:.*}", handle)
     app.cleanup_ctx.append(_upstream_pool)

@@ -424,6 +424,27 @@ async def test_near_miss_paths_are_refused_even_with_a_valid_token(
 
 
 @pytest.mark.parametrize(
+    "head",
+    [
+        b"CONNECT 127.0.0.1:1 HTTP/1.1",
+        b"CONNECT evil.example:443 HTTP/1.1",
+        b"OPTIONS * HTTP/1.1",
+        b"POST http://evil.example HTTP/1.1",
+        b"POST http://evil.example?token=x HTTP/1.1",
+    ],
+)
+async def test_targets_the_router_cannot_match_still_get_a_spec_404_and_an_audit_line(
+    sc: Sidecar, runtime: Runtime, head: bytes
+) -> None:
+    data = head + b"\r\nHost: x\r\n" + f"Authorization: Bearer {SECRET}\r\n".encode() + b"\r\n"
+    resp = await one(sc, data)
+    assert_outcome(resp, (404, "not_found"))
+    [entry] = sc.audit.entries()
+    assert (entry["status"], entry["error"], entry["endpoint"]) == (404, "not_found", "other")
+    assert runtime.calls == []
+
+
+@pytest.mark.parametrize(
     "method", ["GET", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT"]
 )
 async def test_other_methods_are_405_even_with_a_valid_call(
