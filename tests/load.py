@@ -100,7 +100,10 @@ async def run_load(
 
         async def worker() -> None:
             while time.monotonic() < deadline and len(results) < max_calls:
-                results.append(await call(session, url, data, headers))
+                result = await call(session, url, data, headers)
+                results.append(result)
+                if result.status == 0:
+                    await asyncio.sleep(0.01)  # a refused port must not become a busy loop
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return results
