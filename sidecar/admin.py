@@ -1,48 +1,79 @@
 """The admin listener (SPEC §5): ``/metrics``, ``/healthz``, ``/readyz``. Never on the public port.
 
-Readiness is cached for a moment: a burst of probes and scrapes costs one
-connection attempt to the runtime, not one each.
+Readiness is cached for a moment and concurrent probes share one check: a burst
+of probes and scrapes costs one connection attempt to the runtime, not one each.
+It fails at once when shutdown begins, and while no configured secret is valid
+(then an error is also logged once a minute, see :func:`secret_expiry_watch`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from .app import STATE, State
 from .upstream.pool import UpstreamConnectError
 
+log = logging.getLogger("sidecar.admin")
+
 PROBE_CACHE_SECONDS = 1.0
+PROBE_TIMEOUT = 2.0  # a TCP upstream that drops SYNs must not hang the probe
+EXPIRY_LOG_INTERVAL = 60.0
+NO_VALID_SECRET = "no configured secret is valid now"  # noqa: S105 - a reason, not a password
+
+
+def no_valid_secret(state: State, now: float) -> bool:
+    runtime = state.runtime
+    return runtime is not None and not any(
+        s.valid_at(now) for s in runtime.settings.webhooks.secrets
+    )
 
 
 class Readiness:
     """Why the sidecar is not ready, or ``None`` when it is."""
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, cache_seconds: float = PROBE_CACHE_SECONDS) -> None:
         self.state = state
-        self._checked = 0.0
+        self.cache_seconds = cache_seconds
+        self._checked = -float("inf")
         self._upstream_problem: str | None = "not checked yet"
+        self._probe: asyncio.Future[None] | None = None
 
     async def problem(self) -> str | None:
         state = self.state
         if state.draining:
             return "shutting down"
-        runtime = state.runtime
-        if runtime is None:
+        if state.runtime is None:
             return "no config loaded"
-        now = time.time()
-        if not any(s.valid_at(now) for s in runtime.settings.webhooks.secrets):
-            return "no configured secret is valid now"
-        if time.monotonic() - self._checked > PROBE_CACHE_SECONDS:
-            try:
-                await runtime.forward.probe()
-                self._upstream_problem = None
-            except UpstreamConnectError as exc:
-                self._upstream_problem = f"upstream not accepting connections: {exc}"
-            self._checked = time.monotonic()
+        if no_valid_secret(state, time.time()):
+            return NO_VALID_SECRET
+        if time.monotonic() - self._checked > self.cache_seconds:
+            if self._probe is None:  # the first caller probes; the others wait for it
+                self._probe = asyncio.ensure_future(self._check())
+            await asyncio.shield(self._probe)
         return self._upstream_problem
+
+    async def _check(self) -> None:
+        runtime = self.state.runtime
+        assert runtime is not None
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                await runtime.forward.probe()
+            self._upstream_problem = None
+        except UpstreamConnectError as exc:
+            self._upstream_problem = f"upstream not accepting connections: {exc}"
+        except TimeoutError:
+            self._upstream_problem = (
+                f"upstream did not accept a connection within {PROBE_TIMEOUT:g}s"
+            )
+        finally:
+            self._checked = time.monotonic()
+            self._probe = None
 
 
 READINESS = web.AppKey("readiness", Readiness)
@@ -59,18 +90,57 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[STATE].metrics.registry
-    response = web.Response(body=generate_latest(registry))
-    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-    return response
+def secret_expiry_watch(interval: float) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context that logs an error every ``interval`` seconds while no configured
+    secret is valid (all expired or not yet valid): every call is then refused with 401,
+    and the log says why (SPEC §6). It wakes at the next ``notAfter``/``notBefore`` too,
+    so the first error comes when the last secret expires, not up to a minute later."""
+
+    async def watch(state: State) -> None:
+        while True:
+            now = time.time()
+            if no_valid_secret(state, now):
+                assert state.runtime is not None
+                log.error(
+                    "no configured secret is valid now: every call is refused; "
+                    "add a current secret and reload",
+                    extra={"secrets": [s.id for s in state.runtime.settings.webhooks.secrets]},
+                )
+                delay = interval
+            else:
+                delay = min(interval, _until_next_boundary(state, now))
+            await asyncio.sleep(delay)
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.ensure_future(watch(app[STATE]))
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    return ctx
 
 
-def create_admin_app(state: State) -> web.Application:
+def _until_next_boundary(state: State, now: float) -> float:
+    """Seconds until some secret's validity window opens or closes (a little after)."""
+    runtime = state.runtime
+    secrets = runtime.settings.webhooks.secrets if runtime is not None else ()
+    times = [t for s in secrets for t in (s.not_before, s.not_after) if t is not None and t > now]
+    return min(times) - now + 0.05 if times else float("inf")
+
+
+def create_admin_app(
+    state: State,
+    *,
+    probe_cache_seconds: float = PROBE_CACHE_SECONDS,
+    expiry_log_interval: float = EXPIRY_LOG_INTERVAL,
+) -> web.Application:
+    """The admin listener's app over the process's shared :class:`State`."""
     app = web.Application()
     app[STATE] = state
-    app[READINESS] = Readiness(state)
+    app[READINESS] = Readiness(state, probe_cache_seconds)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    # prometheus_client's own handler: Accept negotiation (OpenMetrics) and gzip.
+    app.router.add_get("/metrics", make_aiohttp_handler(state.metrics.registry))
+    app.cleanup_ctx.append(secret_expiry_watch(expiry_log_interval))
     return app

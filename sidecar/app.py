@@ -8,6 +8,7 @@ requests in flight finish under the config they started with.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -25,11 +26,12 @@ from .guards.clientip import client_address
 from .guards.enabled import webhooks_enabled
 from .guards.lockout import LockoutTable, auth_lockout, failure_recorder
 from .guards.ratelimit import InFlight, agent_limits, client_limits
+from .guards.routing import ENDPOINTS as HOOK_PATHS
 from .guards.routing import no_token_in_query, route
 from .limiter import Limiter, open_limiter
 from .logs import AuditLog
 from .metrics import Metrics
-from .pipeline import Call, Guard, Reject
+from .pipeline import Call, Guard, Reject, new_request_id
 from .responses import INTERNAL_ERROR, error_response, ok_response
 from .upstream import make_forwarder, make_pool
 from .upstream.base import BaseForwarder
@@ -82,7 +84,10 @@ class State:
         self.limiter: Limiter | None = None  # opened by apply(), on the running loop
         self.retired_limiters: list[Limiter] = []
         self.in_flight = InFlight()
-        self.draining = False
+        self.draining = False  # set when shutdown begins: /readyz answers 503
+        self.calls: set[asyncio.Task[web.StreamResponse]] = set()  # handlers in flight
+        metrics.count_in_flight(self.calls.__len__)
+        self.secret_texts: frozenset[str] = frozenset()  # to keep them out of request ids
         self._initial = settings
         self.runtime: Runtime | None = None
 
@@ -122,6 +127,14 @@ class State:
                 self.retired_limiters.append(self.limiter)
             self.limiter = limiter
         self.metrics.configure(settings)
+        self.secret_texts = frozenset(s.value.decode("latin-1") for s in settings.webhooks.secrets)
+
+    def cut_off(self) -> int:
+        """Cancel every call still in flight (the drain deadline passed); returns how many."""
+        calls = list(self.calls)
+        for task in calls:
+            task.cancel()
+        return len(calls)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -144,20 +157,31 @@ def _endpoint(settings: Settings) -> tuple[object, ...]:
 STATE = web.AppKey("state", State)
 
 
+# Calls cut off by the drain deadline get no reply (their connection is closed); the
+# audit log and metrics still count them, as what they were waiting for ran out of time.
+_CUT_OFF_FORWARDING = Reject(504, "upstream_timeout", "cut off by shutdown")
+_CUT_OFF = Reject(408, "request_timeout", "cut off by shutdown")
+
+
 async def handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     runtime = state.runtime
     assert runtime is not None
     metrics = state.metrics
     call = Call(request, runtime.settings)
-    code: str | None = None
-    outcome = "forwarded"
-    metrics.in_flight.inc()
+    if call.request_id in state.secret_texts:  # a client's token sent as X-Request-Id:
+        call.request_id = new_request_id()  # it would be logged and echoed back
+    # Label by the hook the path names, also when a guard before routing refuses the call.
+    call.endpoint = HOOK_PATHS.get(request.path, "other")
+    forwarding = False
+    task = asyncio.current_task()
+    state.calls.add(task)  # type: ignore[arg-type]  # also webhook_sidecar_in_flight_requests
     try:
         for guard in runtime.guards:
             pending = guard(call)
             if pending is not None:
                 await pending
+        forwarding = True
         started = time.perf_counter()
         try:
             run_id = await runtime.forward(call)
@@ -165,36 +189,54 @@ async def handle(request: web.Request) -> web.StreamResponse:
             metrics.observe_upstream(call.endpoint, time.perf_counter() - started)
         response = ok_response(call.session, call.request_id, run_id, call.response_headers)
     except Reject as reject:
-        code = reject.code
-        outcome = "upstream_failed" if code.startswith("upstream_") else "rejected"
         response = error_response(reject, call.request_id)
+        _finish(state, call, reject.status, reject.code)
+    except asyncio.CancelledError:
+        # handler_cancellation is off: only the drain deadline (Server.stop) cancels a call.
+        cut = _CUT_OFF_FORWARDING if forwarding else _CUT_OFF
+        _finish(state, call, cut.status, cut.code)
+        raise
     except Exception:
         log.exception("internal error", extra={"requestId": call.request_id})
-        code = INTERNAL_ERROR.code
-        outcome = "rejected"
         response = error_response(INTERNAL_ERROR, call.request_id)
+        _finish(state, call, INTERNAL_ERROR.status, INTERNAL_ERROR.code)
+    else:
+        _finish(state, call, 200, None)
     finally:
-        metrics.in_flight.dec()
+        state.calls.discard(task)
         if call.finalizers:
             for done in call.finalizers:
                 done()
+    return response
+
+
+def _finish(state: State, call: Call, status: int, code: str | None) -> None:
+    """Metrics and the one audit line (SPEC §7) of a finished call."""
     duration = time.perf_counter() - call.started
-    metrics.observe(call.endpoint, response.status, code, duration)
+    metrics = state.metrics
+    metrics.observe(call.endpoint, status, code, duration)
     secret = call.secret
+    # The agent only after auth, and only a configured one: an unknown name is request input.
+    agent = call.body.get("agent") if secret is not None else None
+    if agent is not None and agent not in call.settings.webhooks.agents:
+        agent = None
+    if code is None:
+        outcome = "forwarded"
+    else:
+        outcome = "upstream_failed" if code.startswith("upstream_") else "rejected"
     state.audit.record(
         call.request_id,
         call.client_ip,
         call.endpoint,
-        call.body.get("agent") if secret is not None else None,
+        agent,
         outcome,
-        response.status,
+        status,
         code,
         secret.id if secret is not None else None,
         duration,
     )
     if secret is not None:  # every authenticated use: what a rotation watches fall to zero
         metrics.authenticated(secret.id)
-    return response
 
 
 async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:

@@ -2,12 +2,17 @@
 
 Every line goes through one writer thread, so a slow or blocked stderr (a full
 pipe to a log shipper) never stalls request handling and lines never interleave.
+Lines queued when the process stops are written before it exits (:meth:`LineWriter.close`).
+
 The audit log (SPEC §7) is one line per request with fixed keys; it never holds
 a token or message text because it is built only from the fields named here.
+aiohttp's own report of a malformed request quotes the raw request bytes (which
+may hold a bearer token); :class:`MalformedRequestFilter` cuts it to the error's class.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import queue
@@ -15,7 +20,7 @@ import sys
 import threading
 import time
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Protocol
 
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -23,52 +28,117 @@ AUDIT_KEYS = (
     "time", "requestId", "clientIp", "endpoint", "agent", "outcome", "status", "error",
     "secretId", "durationMs",
 )  # fmt: skip
+# About 30 MB of lines. Past this, stderr has stopped draining: lines are dropped
+# and counted rather than growing memory until the pod is OOM-killed.
+MAX_QUEUED_LINES = 100_000
+# The writer waits this long after a line before writing, so one wake-up of its
+# thread writes a batch: woken per line it cost ~20 µs of CPU per request
+# (futex, GIL hand-over, write), batched ~1 µs. Lines reach stderr ≤10 ms later.
+LINGER_SECONDS = 0.01
+_BATCH = 512
 _STD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+_quote = json.encoder.encode_basestring_ascii  # the C encoder; its output is pure ASCII
+
+log = logging.getLogger("sidecar.logs")
 
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class LineWriter:
-    """A thread that writes queued lines to a stream in batches."""
+class Lines(Protocol):
+    """Where lines go: a :class:`LineWriter`, or a list in tests."""
 
-    def __init__(self, stream: IO[str] | None = None) -> None:
+    def write(self, line: str) -> None: ...
+
+
+class LineWriter:
+    """A thread that writes queued lines to a stream in batches.
+
+    :meth:`write` never blocks: it appends to an in-memory queue (bounded by
+    ``max_queued``; past it lines are dropped and the number is logged once
+    stderr drains again). The thread writes what gathered in ``linger`` seconds
+    after the first line at once.
+    """
+
+    def __init__(
+        self,
+        stream: IO[str] | None = None,
+        max_queued: int = MAX_QUEUED_LINES,
+        linger: float = LINGER_SECONDS,
+    ) -> None:
         self.stream = stream if stream is not None else sys.stderr
+        self.max_queued = max_queued
+        self.dropped = 0  # approximate under threads; exact from the event loop
+        self.linger = linger
         self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._closed = False
+        self._lock = threading.Lock()  # serialises the stream between the thread and close()
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
     def write(self, line: str) -> None:
-        self._queue.put(line)
+        if self._closed:  # shutting down: nobody is waiting on the loop any more
+            self._write([line])
+        elif self._queue.qsize() < self.max_queued:
+            self._queue.put(line)
+        else:
+            self.dropped += 1
+
+    def _write(self, batch: list[str]) -> None:
+        with self._lock:
+            try:
+                self.stream.write("\n".join(batch) + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # stderr is gone; nothing left to tell
 
     def _run(self) -> None:
-        get = self._queue.get
+        get, get_nowait = self._queue.get, self._queue.get_nowait
         while True:
             line = get()
-            batch = []
+            if line is not None and self.linger and self._queue.qsize() < _BATCH:
+                time.sleep(self.linger)  # let a batch gather: one wake-up, one write
+            batch: list[str] = []
             while line is not None:
                 batch.append(line)
-                if len(batch) >= 512:
+                if len(batch) >= _BATCH:
                     break
                 try:
-                    line = self._queue.get_nowait()
+                    line = get_nowait()
                 except queue.Empty:
-                    line = ""
                     break
             if batch:
-                try:
-                    self.stream.write("\n".join(batch) + "\n")
-                    self.stream.flush()
-                except (OSError, ValueError):
-                    pass  # stderr is gone; nothing left to tell
+                self._write(batch)
+            if self.dropped:
+                dropped, self.dropped = self.dropped, 0
+                log.error("dropped %d log lines: stderr is not keeping up", dropped)
             if line is None:
                 return
 
-    def close(self) -> None:
-        """Write what is queued, then stop."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then stop. Later lines are written directly.
+
+        Waits at most ``timeout`` for a blocked stderr, so a stuck log pipe cannot
+        keep the process from exiting.
+        """
+        if self._closed:
+            return
+        self._closed = True
         self._queue.put(None)
-        self._thread.join(timeout=5)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return
+        rest: list[str] = []
+        while True:  # lines another thread queued after the None
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                rest.append(line)
+        if rest:
+            self._write(rest)
 
 
 class _Handler(logging.Handler):
@@ -91,18 +161,52 @@ class _Handler(logging.Handler):
                 )  # fmt: skip
             else:
                 extra = " ".join(f"{k}={v}" for k, v in fields.items())
-                line = f"{_iso(record.created)} {record.levelname:<7} {record.name}: {message} {extra}"
+                line = (
+                    f"{_iso(record.created)} {record.levelname:<7} {record.name}: {message} {extra}"
+                )
             self.writer.write(line.rstrip())
         except Exception:
             self.handleError(record)
 
 
-class AuditLog:
-    """One line per request with the SPEC §7 keys, nothing else."""
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a request its parser refuses with the raw bytes around the error
+    (``Invalid header value char: b'Authorization: Bearer <token>\\x01'``). Keep the
+    address and the error's class, drop the bytes (SPEC §3: raw bytes are never logged)."""
 
-    def __init__(self, writer: LineWriter, fmt: str = "json") -> None:
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = "refused a malformed request from %s: %s (%s)"
+            record.args = (remote, type(exc).__name__, exc.code)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+class AuditLog:
+    """One line per request with the SPEC §7 keys, nothing else.
+
+    Built by hand rather than with ``json.dumps``: the keys are fixed and this
+    runs once per request (about 1.5 µs instead of 11). Every string goes
+    through the C JSON string encoder, so any value is escaped correctly.
+    """
+
+    def __init__(self, writer: Lines, fmt: str = "json") -> None:
         self.writer = writer
         self.json = fmt == "json"
+        self._second = -1
+        self._second_text = ""
+
+    def _time(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = second
+        return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
 
     def record(
         self,
@@ -116,53 +220,55 @@ class AuditLog:
         secret_id: str | None,
         duration: float,
     ) -> None:
-        entry: dict[str, Any] = {
-            "time": _iso(time.time()),
-            "requestId": request_id,
-            "clientIp": client_ip,
-            "endpoint": endpoint,
-            "agent": agent,
-            "outcome": outcome,
-            "status": status,
-            "error": error,
-            "secretId": secret_id,
-            "durationMs": round(duration * 1000, 3),
-        }
+        ms = f"{duration * 1000:.3f}"
         if self.json:
-            self.writer.write(json.dumps(entry))
+            q = _quote
+            self.writer.write(
+                f'{{"time":"{self._time()}","requestId":{q(request_id)},'
+                f'"clientIp":{q(client_ip)},"endpoint":{q(endpoint)},'
+                f'"agent":{"null" if agent is None else q(agent)},"outcome":{q(outcome)},'
+                f'"status":{int(status)},"error":{"null" if error is None else q(error)},'
+                f'"secretId":{"null" if secret_id is None else q(secret_id)},"durationMs":{ms}}}'
+            )
         else:
-            self.writer.write("audit " + " ".join(f"{k}={v}" for k, v in entry.items()))
+            values = (self._time(), request_id, client_ip, endpoint, agent, outcome, status,
+                      error, secret_id, ms)  # fmt: skip
+            pairs = zip(AUDIT_KEYS, values, strict=True)
+            text = " ".join(f"{k}={'-' if v is None else v}" for k, v in pairs)
+            self.writer.write("audit " + text)
 
 
-def setup(level: str = "info", fmt: str = "json", stream: IO[str] | None = None) -> tuple[LineWriter, AuditLog]:
-    """Route all logging through one writer thread; returns it and the audit log on it."""
+def setup(
+    level: str = "info", fmt: str = "json", stream: IO[str] | None = None
+) -> tuple[LineWriter, AuditLog]:
+    """Route all logging through one writer thread; returns it and the audit log on it.
+
+    The writer is also closed at interpreter exit, so queued lines are never lost
+    on a path that forgets to close it.
+    """
     writer = LineWriter(stream)
+    atexit.register(writer.close)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.addHandler(_Handler(writer, fmt))
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").disabled = True
-    logging.getLogger("aiohttp.server").addFilter(_without_raw_request)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestFilter())
     return writer, AuditLog(writer, fmt)
 
 
-def _without_raw_request(record: logging.LogRecord) -> bool:
-    """aiohttp logs a request it could not parse at error level with the parser's message,
-    which quotes the raw bytes around the fault — a bearer token in a header with a bad
-    byte, or the whole request when its lines end in a bare LF. Keep the line (who, which
-    status, which kind of fault), drop the bytes (SPEC §3: raw bytes are never logged).
-    It is the client's fault, so a warning, not an error."""
-    exc = record.exc_info[1] if record.exc_info else None
-    if isinstance(exc, HttpProcessingError):
-        if not logging.getLogger().isEnabledFor(logging.WARNING):
-            return False
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-        record.msg = "refused a malformed request from %s"
-        record.status = exc.code
-        record.fault = type(exc).__name__
-        record.exc_info = record.exc_text = None
-    return True
+def configure(level: str, fmt: str, audit: AuditLog | None = None) -> None:
+    """Apply ``sidecar.log`` from a reloaded config: level and format take effect at once."""
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    for handler in root.handlers:
+        if isinstance(handler, _Handler):
+            handler.json = fmt == "json"
+    if audit is not None:
+        audit.json = fmt == "json"
 
 
 def set_level(level: str) -> None:

@@ -1,7 +1,12 @@
 """Process lifecycle: both listeners, signals, reload, graceful drain (SPEC §8).
 
-SIGTERM: readiness turns 503 at once, the public listener stops accepting,
-requests in flight finish (up to ``shutdownTimeout``), exit 0. SIGHUP: reload.
+SIGTERM (or SIGINT): readiness turns 503 at once, the public listener stops
+accepting, requests in flight finish, exit 0. Calls still running when
+``shutdownTimeout`` passes are cut off (audited, their connections closed) and
+the exit is still 0: the drain went as configured. A second SIGTERM cuts them
+off at once and exits 1, because calls were abandoned on request. The admin
+listener stays up until the public one is gone, so probes see the 503.
+SIGHUP: reload.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ from .metrics import Metrics
 from .reload import POLL_INTERVAL, Reloader
 
 log = logging.getLogger("sidecar")
+
+AIOHTTP_SHUTDOWN_BACKSTOP = 3600.0
+# After cutting calls off, how long to wait for their connections to close.
+CUT_OFF_GRACE = 5.0
+EXIT_OK, EXIT_ABANDONED = 0, 1
 
 
 def install_uvloop() -> bool:
@@ -49,6 +59,7 @@ class Server:
         self.state = State(settings, metrics, audit)
         self.path = settings.path
         self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second SIGTERM: stop waiting for calls in flight
         self._tasks: set[asyncio.Task[bool]] = set()
         s = settings.sidecar
         # Built here, so a bad certificate fails before anything listens (raises TlsError).
@@ -65,7 +76,9 @@ class Server:
             # fires; bytes trickling in do not reset it. That is exactly the header
             # timeout slowloris needs (it also bounds idle keep-alive connections).
             keepalive_timeout=settings.sidecar.limits.header_timeout,
-            shutdown_timeout=settings.sidecar.shutdown_timeout,
+            # aiohttp waits this long, then cancels request bodies and waits as long
+            # again: stop() keeps the deadline itself, so this is only a backstop.
+            shutdown_timeout=AIOHTTP_SHUTDOWN_BACKSTOP,
         )
         self._admin = web.AppRunner(create_admin_app(self.state), access_log=None, shutdown_timeout=1)
 
@@ -96,10 +109,20 @@ class Server:
         )
 
     def request_stop(self) -> None:
+        """First SIGTERM: drain. Second: stop waiting for calls in flight."""
         if not self._stop.is_set():
-            log.info("shutdown requested: draining")
+            log.info(
+                "shutdown requested: draining",
+                extra={"inFlight": len(self.state.calls), "timeout": self._drain_timeout()},
+            )
             self.state.draining = True  # /readyz answers 503 from now on
             self._stop.set()
+        elif not self._hurry.is_set():
+            log.warning("second stop signal: cutting off calls in flight")
+            self._hurry.set()
+
+    def _drain_timeout(self) -> float:
+        return self.state.settings.sidecar.shutdown_timeout
 
     async def reload(self) -> bool:
         """Load the config file again; keep the running config if the new one is invalid."""
@@ -107,34 +130,59 @@ class Server:
 
     def _applied(self, settings: config.Settings) -> None:
         """What a reload changes outside the request path."""
-        logs.set_level(settings.sidecar.log.level)
+        log_settings = settings.sidecar.log
+        logs.configure(log_settings.level, log_settings.format, self.state.audit)
 
     def _reload_on_signal(self) -> None:
         task = asyncio.ensure_future(self.reload())
         self._tasks.add(task)  # the loop keeps only a weak reference to tasks
         task.add_done_callback(self._tasks.discard)
 
-    async def run_until_stopped(self) -> None:
+    async def run_until_stopped(self) -> int:
+        """Serve until SIGTERM/SIGINT, then drain; returns the exit code."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         try:
             await self._stop.wait()
+            return await self.stop()  # the handlers stay: a second signal hurries the drain
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-        await self.stop()
 
-    async def stop(self) -> None:
+    async def stop(self) -> int:
+        """Drain: stop accepting, let calls in flight finish until the deadline or a
+        second signal, then close the admin listener last. Returns the exit code."""
         self.state.draining = True
-        await self._public.cleanup()  # stop accepting, let calls in flight finish
+        drain = asyncio.ensure_future(self._public.cleanup())  # stops accepting at once
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        try:
+            await asyncio.wait(
+                {drain, hurry}, timeout=self._drain_timeout(), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            hurry.cancel()
+        hurried = self._hurry.is_set() and not drain.done()
+        code = EXIT_ABANDONED if hurried else EXIT_OK
+        if not drain.done():
+            cut = self.state.cut_off()
+            log.warning(
+                "drain %s: cut off %d call(s) still in flight",
+                "hurried by a second signal" if hurried else "deadline passed",
+                cut,
+                extra={"timeout": self._drain_timeout()},
+            )
+            await asyncio.wait({drain}, timeout=CUT_OFF_GRACE)
+        if drain.done() and not drain.cancelled() and drain.exception() is not None:
+            log.error("error while draining", exc_info=drain.exception())
         await self._admin.cleanup()
         log.info("stopped")
+        return code
 
 
 async def serve(settings: config.Settings, audit: logs.AuditLog) -> int:
-    metrics = Metrics()
+    metrics = Metrics(process=True)
     try:
         server = Server(settings, audit, metrics)
     except tls.TlsError as exc:  # the files changed between the config check and now
@@ -147,8 +195,7 @@ async def serve(settings: config.Settings, audit: logs.AuditLog) -> int:
         with contextlib.suppress(Exception):
             await server.stop()
         return 1
-    await server.run_until_stopped()
-    return 0
+    return await server.run_until_stopped()
 
 
 def run(path: Path) -> int:

@@ -165,7 +165,8 @@ async def sidecar(make_sidecar: Any, runtime: Runtime) -> Sidecar:
 
 
 class SidecarProcess:
-    """``webhook-sidecar run`` as a real child process, its stderr collected line by line."""
+    """``webhook-sidecar run`` as a real child process, its stderr and stdout collected
+    line by line (``lines`` and ``stdout_lines``)."""
 
     def __init__(self, config_path: Path, admin_port: int, env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
@@ -173,18 +174,21 @@ class SidecarProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
-        self._reader: threading.Thread | None = None
+        self.stdout_lines: list[str] = []
+        self._readers: list[threading.Thread] = []
 
     def start(self, timeout: float = 15.0) -> SidecarProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "run", "-c", str(self.config_path)],
             stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             text=True,
             env=self.env,
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        for stream, sink in ((self.proc.stderr, self.lines), (self.proc.stdout, self.stdout_lines)):
+            reader = threading.Thread(target=self._read, args=(stream, sink), daemon=True)
+            reader.start()
+            self._readers.append(reader)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -196,10 +200,10 @@ class SidecarProcess:
                 time.sleep(0.05)
         raise RuntimeError(f"sidecar not healthy in {timeout}s: {self.output()}")
 
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
+    @staticmethod
+    def _read(stream: Any, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line.rstrip("\n"))
 
     def output(self) -> str:
         return "\n".join(self.lines[-50:])
@@ -214,10 +218,11 @@ class SidecarProcess:
     def wait(self, timeout: float = 20.0) -> int:
         assert self.proc is not None
         code = self.proc.wait(timeout)
-        if self._reader is not None:
-            self._reader.join(timeout=5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
+        for reader in self._readers:
+            reader.join(timeout=5)
+        for stream in (self.proc.stderr, self.proc.stdout):
+            if stream is not None:
+                stream.close()
         return code
 
     def stop(self) -> int | None:

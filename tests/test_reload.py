@@ -231,7 +231,8 @@ async def test_a_request_still_uploading_keeps_its_config(
                 return resp.status
 
         pending = asyncio.create_task(upload())
-        await until(lambda: server.state.metrics.in_flight._value.get() == 1)
+        registry = server.state.metrics.registry
+        await until(lambda: registry.get_sample_value("webhook_sidecar_in_flight_requests") == 1)
         new = json.loads(json.dumps(doc))
         new["webhooks"]["agents"] = {"other-agent": {}}
         write_config(short_tmp, new)
@@ -346,8 +347,11 @@ async def test_sighup_reloads_and_a_broken_file_keeps_the_old_config(
     assert (await post(url, {"agent": "new-agent"}))[0] == 200
     assert proc.proc is not None and proc.proc.poll() is None
     # One reload per signal: the file watcher did not load the same change a second time.
-    outcomes = [(e["msg"], e["reason"]) for e in proc.json_lines() if "reason" in e]
-    assert outcomes == [
+    def outcomes() -> list[tuple[str, str]]:
+        return [(e["msg"], e["reason"]) for e in proc.json_lines() if "reason" in e]
+
+    await until(lambda: len(outcomes()) >= 2)  # log lines are written off the loop, in batches
+    assert outcomes() == [
         ("config reloaded", "SIGHUP"),
         ("reload refused, keeping the running config", "SIGHUP"),
     ]

@@ -170,7 +170,8 @@ async def test_certificate_swapped_in_a_kubernetes_volume_is_served_to_new_conne
         leaf = x509.load_pem_x509_certificate((pki["b"] / "server.pem").read_bytes())
         assert server.tls is not None
         assert server.tls.not_after == leaf.not_valid_after_utc.timestamp()
-        gauge = server.state.metrics.tls_cert_not_after._value.get()
+        registry = server.state.metrics.registry
+        gauge = registry.get_sample_value("webhook_sidecar_tls_cert_not_after_timestamp_seconds")
         assert gauge == leaf.not_valid_after_utc.timestamp()
 
 
