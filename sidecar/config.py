@@ -36,6 +36,7 @@ SESSION_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 SECRET_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_DURATION = 365 * 86400.0
 
 DEFAULT_UPSTREAM_SOCKET = "/run/agent/hooks.sock"
 DEFAULT_MIN_SECRET_LENGTH = 32
@@ -51,8 +52,18 @@ class ConfigError(Exception):
     """The config is unusable. ``problems`` holds one line per problem, each naming its key."""
 
     def __init__(self, problems: list[str]) -> None:
+        problems = [_printable(p) for p in problems]
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+def _printable(text: str) -> str:
+    """``text`` with what a terminal or a UTF-8 stream cannot take escaped: a key quoted
+    from the config may hold a lone surrogate (``print`` to stdout then raises) or an
+    escape sequence (it would drive the operator's terminal)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 # --------------------------------------------------------------------------- settings
@@ -140,6 +151,7 @@ class Limits:
     max_message_chars: int = 32768
     header_timeout: float = 10.0
     body_timeout: float = 10.0
+    max_connections: int = 1024  # open public connections per process (not in SPEC: README)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,21 +239,28 @@ def parse_duration(value: object) -> float:
     """``30`` / ``1.5`` seconds, or ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``."""
     if isinstance(value, bool):
         raise ValueError("must be a duration (seconds, or a string like 30s, 5m, 1h)")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    else:
-        raise ValueError("must be a duration (seconds, or a string like 30s, 5m, 1h)")
-    if not math.isfinite(seconds) or seconds <= 0:
+    try:
+        if isinstance(value, int | float):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
+            seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        else:
+            raise ValueError("must be a duration (seconds, or a string like 30s, 5m, 1h)")
+    except OverflowError:  # an integer past float range: 1 followed by 400 zeros
+        seconds = math.inf
+    if math.isnan(seconds) or seconds <= 0:
         raise ValueError("must be a positive duration")
+    # Bounded, so every use stays exact and finite: a rate limit's "per" in whole
+    # microseconds, deadlines on the event loop's clock, a Retry-After header.
+    if seconds > MAX_DURATION:
+        raise ValueError("must be at most 1 year (365d)")
     return seconds
 
 
 def parse_listen(value: str) -> Listen:
     """``host:port`` or ``[v6]:port``."""
     host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
+    if not sep or not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
         raise ValueError("must be host:port, e.g. 0.0.0.0:8080 or [::]:8080")
     port = int(port_text)
     if host.startswith("[") and host.endswith("]"):
@@ -583,7 +602,7 @@ class _Builder:
 
     def limits(self, value: object) -> Limits | None:
         p = "sidecar.limits"
-        keys = ["maxBodyBytes", "maxMessageChars", "headerTimeout", "bodyTimeout"]
+        keys = ["maxBodyBytes", "maxMessageChars", "headerTimeout", "bodyTimeout", "maxConnections"]
         doc = self.obj(p, value, keys)
         if doc is None:
             return None
@@ -592,6 +611,7 @@ class _Builder:
             self.field(p, doc, "maxMessageChars", _int_between(1, 16 * 1024 * 1024), 32768),
             self.field(p, doc, "headerTimeout", parse_duration, 10.0),
             self.field(p, doc, "bodyTimeout", parse_duration, 10.0),
+            self.field(p, doc, "maxConnections", _int_between(1, 1_000_000), 1024),
         )
 
     def readable_file(self, value: object) -> Path:
@@ -752,6 +772,10 @@ def _http_url(value: object) -> tuple[str, str, int]:
         port = parts.port or 80
     except ValueError:
         raise ValueError("has an invalid port") from None
+    try:  # what getaddrinfo will do with it: a bad name must fail here, not on each call
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        raise ValueError("has an invalid host name") from None
     return value.rstrip("/"), parts.hostname, port
 
 

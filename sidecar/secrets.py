@@ -31,6 +31,13 @@ class SecretSource:
 
     def read(self, inline: str | None = None) -> bytes:
         """Return the secret's bytes. A file's single trailing newline is dropped."""
+        try:
+            return self._read(inline)
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800") has no bytes
+            what = {"value": "value", "env": "variable name", "file": "file name"}[self.kind]
+            raise SecretSourceError(f"the {what} is not valid Unicode") from None
+
+    def _read(self, inline: str | None) -> bytes:
         if self.kind == "value":
             assert inline is not None
             return inline.encode()
@@ -62,6 +69,10 @@ def read_small_file(path: str, limit: int = MAX_SECRET_FILE_BYTES) -> bytes:
             os.close(fd)
     except OSError as exc:
         raise SecretSourceError(f"cannot read {path}: {exc.strerror}") from None
+    except SecretSourceError:
+        raise
+    except ValueError:  # a NUL in the path: no file can have that name
+        raise SecretSourceError(f"cannot read {path}: not a valid file name") from None
     if len(data) > limit:
         raise SecretSourceError(f"cannot read {path}: larger than {limit} bytes")
     return data

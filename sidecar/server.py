@@ -23,6 +23,7 @@ from aiohttp import web
 from . import config, logs, tls
 from .admin import create_admin_app
 from .app import PublicRunner, State, create_app
+from .connections import cap_connections
 from .metrics import Metrics
 from .reload import POLL_INTERVAL, Reloader
 
@@ -89,6 +90,9 @@ class Server:
         else:  # no certificate: no gauge, rather than a 0 that "expired in 1970" alerts fire on
             self.state.metrics.registry.unregister(self.state.metrics.tls_cert_not_after)
         await self._public.setup()
+        public = self._public.server
+        assert public is not None
+        cap_connections(public, lambda: self.state.settings.sidecar.limits.max_connections)
         await self._admin.setup()
         ctx = self.tls.context if self.tls is not None else None
         await web.TCPSite(self._public, s.listen.host, s.listen.port, ssl_context=ctx).start()

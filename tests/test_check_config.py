@@ -219,3 +219,16 @@ def test_the_real_command_and_its_exit_codes(short_tmp: Path) -> None:
     missing = command("-c", str(short_tmp / "none.json5"))
     assert missing.returncode == 2 and "cannot read config file" in missing.stdout
     assert command().returncode == 2  # no config named anywhere: a usage error
+
+
+def test_a_lone_surrogate_in_a_key_is_printed_escaped_not_a_traceback(short_tmp: Path) -> None:
+    """The real process: stdout is strict UTF-8, so an unescaped surrogate would raise."""
+    path = short_tmp / "config.json5"
+    path.write_text('{webhooks: {secret: "%s", agents: {"\\ud800": {}}}}' % INLINE)
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "check-config", "-c", str(path)],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "error: webhooks.agents.\\ud800: agent names must match" in result.stdout

@@ -182,6 +182,20 @@ def test_bad_durations(value: Any) -> None:
         ({**minimal(), "sidecar": {"rateLimit": {"global": {"requests": 1.5}}}}, "sidecar.rateLimit.global.requests: must be a whole number"),
         ({**minimal(), "sidecar": {"authLockout": {"maxFailures": 0}}}, "sidecar.authLockout.maxFailures: must be between 1"),
         ({**minimal(), "sidecar": {"limits": {"maxBodyBytes": "64k"}}}, "sidecar.limits.maxBodyBytes: must be a whole number"),
+        ({**minimal(), "sidecar": {"shutdownTimeout": 10**400}}, "sidecar.shutdownTimeout: must be at most 1 year"),
+        ({**minimal(), "sidecar": {"upstream": {"timeout": 1e308}}}, "sidecar.upstream.timeout: must be at most 1 year"),
+        ({**minimal(), "sidecar": {"rateLimit": {"perIp": {"requests": 1, "per": "9999999h"}}}}, "sidecar.rateLimit.perIp.per: must be at most 1 year"),
+        (minimal(secret={"file": "a\x00b"}), "webhooks.secret.file: cannot read"),
+        (minimal(secret={"file": "\ud800"}), "webhooks.secret.file: cannot read"),
+        (minimal(secret="\ud800" + STRONG), "webhooks.secret.value: the value is not valid Unicode"),
+        (minimal(secret={"env": "\ud800"}), "webhooks.secret.env: the variable name is not valid Unicode"),
+        ({**minimal(), "sidecar": {"upstream": {"token": "\udfff" + STRONG}}}, "sidecar.upstream.token.value: the value is not valid Unicode"),
+        ({**minimal(), "sidecar": {"upstream": {"url": "http://" + "x" * 64 + ":1"}}}, "sidecar.upstream.url: has an invalid host name"),
+        ({**minimal(), "sidecar": {"upstream": {"url": "http://a..b:1"}}}, "sidecar.upstream.url: has an invalid host name"),
+        ({**minimal(), "sidecar": {"listen": "127.0.0.1:\u0668\u0660"}}, "sidecar.listen: must be host:port"),
+        ({**minimal(), "sidecar": {"listen": "127.0.0.1:" + "9" * 5000}}, "sidecar.listen: must be host:port"),
+        ({**minimal(), "sidecar": {"limits": {"maxConnections": 0}}}, "sidecar.limits.maxConnections: must be between 1 and 1000000"),
+        ({**minimal(), "sidecar": {"limits": {"maxConnections": "1k"}}}, "sidecar.limits.maxConnections: must be a whole number"),
         ({**minimal(), "sidecar": {"tls": {"certFile": "/nonexistent.pem", "keyFile": "/nonexistent.pem"}}}, "sidecar.tls.certFile: cannot read file"),
         ({**minimal(), "sidecar": {"tls": {"certFile": "/etc/hostname", "keyFile": "/etc/hostname", "minVersion": "1.1"}}}, "sidecar.tls.minVersion: must be one of '1.2', '1.3'"),
         ({**minimal(), "sidecar": {"log": {"level": "loud"}}}, "sidecar.log.level: must be one of"),
@@ -272,3 +286,17 @@ def test_body_limit_above_the_openclaw_gateways_cap_is_a_warning(
     found = [w for w in config.security_warnings(loads(json.dumps(doc))) if "maxBodyBytes" in w]
     assert len(found) == int(warned)
     assert all("262144" in w and OTHER_SECRET not in w for w in found)
+
+
+def test_max_connections_defaults_to_1024_and_can_be_set() -> None:
+    assert loads(json.dumps(minimal())).sidecar.limits.max_connections == 1024
+    doc = {**minimal(), "sidecar": {"limits": {"maxConnections": 50}}}
+    assert loads(json.dumps(doc)).sidecar.limits.max_connections == 50
+
+
+def test_problems_escape_what_a_terminal_cannot_take() -> None:
+    """A key quoted from the file may hold a lone surrogate or an escape sequence: the
+    problem line shows it escaped, so printing it neither raises nor drives a terminal."""
+    found = problems(minimal(agents={"\ud800\x1b[2J": {}}))
+    assert found == ["webhooks.agents.\\ud800\\x1b[2J: agent names must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}"]
+    assert all(p.isprintable() for p in found)

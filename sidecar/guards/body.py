@@ -112,11 +112,12 @@ def validate_fields(endpoint: str, body: dict[str, Any], max_message_chars: int)
             raise invalid_request(f"field 'message' is longer than {max_message_chars} characters")
         if not _valid_unicode(message):
             raise invalid_request("field 'message' is not valid Unicode")
-    session = body.get("sessionKey")
-    if session is not None and (not isinstance(session, str) or not SESSION_KEY.fullmatch(session)):
-        raise invalid_request(
-            "field 'sessionKey' must be a string matching [A-Za-z0-9][A-Za-z0-9._:@-]{0,127}"
-        )
+    if "sessionKey" in body:  # present means a string: ``null`` is a wrong type, not "no key"
+        session = body["sessionKey"]
+        if not isinstance(session, str) or not SESSION_KEY.fullmatch(session):
+            raise invalid_request(
+                "field 'sessionKey' must be a string matching [A-Za-z0-9][A-Za-z0-9._:@-]{0,127}"
+            )
 
 
 def _check_idempotency_key(call: Call) -> None:
