@@ -27,7 +27,13 @@ GENEROUS = {"requests": 10_000_000, "per": "1s", "burst": 10_000_000}
 
 
 def sidecar_config(
-    *, secret: str, listen: str, admin_listen: str, upstream_socket: str, variant: str
+    *,
+    secret: str,
+    listen: str,
+    admin_listen: str,
+    upstream_socket: str,
+    variant: str,
+    redis_url: str | None = None,
 ) -> dict[str, Any]:
     """The JSON5 config (as a dict, written as JSON) for one sidecar variant."""
     base: dict[str, Any] = {
@@ -60,7 +66,20 @@ def sidecar_config(
             {"rateLimit": dict(GENEROUS), "maxConcurrent": 1024}
         )
         return base
+    if variant in ("sidecar-limits", "sidecar-limits-redis"):
+        # The limiter alone (per-IP, global and agent buckets), in memory or in
+        # Redis: compared with "sidecar" (limits off) it is the limiter's cost.
+        base["sidecar"]["rateLimit"] = {"perIp": dict(GENEROUS), "global": dict(GENEROUS)}
+        if variant == "sidecar-limits-redis":
+            assert redis_url is not None
+            base["sidecar"]["rateLimit"]["backend"] = redis_url
+        base["webhooks"]["agents"][AGENT]["rateLimit"] = dict(GENEROUS)
+        return base
     raise KeyError(variant)
+
+
+# Variants that need a redis-server; the harness starts one for them.
+NEEDS_REDIS = {"sidecar-limits-redis"}
 
 
 # name -> description; the order is the order of the scenarios.
@@ -68,6 +87,10 @@ SIDECAR_VARIANTS = {
     "sidecar": "defaults (authLockout raised so that the refusal runs cannot trip it)",
     "sidecar-guards": (
         "every guard on: allowIps, perIp/global/agent rate limits, authLockout, maxConcurrent"
+    ),
+    "sidecar-limits": "perIp/global/agent rate limits only, memory backend",
+    "sidecar-limits-redis": (
+        "perIp/global/agent rate limits only, Redis backend (redis-server on the server core)"
     ),
 }
 

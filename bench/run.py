@@ -397,6 +397,16 @@ def start_nginx(h: Harness, args: argparse.Namespace, ports: set[int], secret: s
     return Target("nginx", port, p, note=f"{args.nginx}, config {conf}")
 
 
+def start_redis(h: Harness, args: argparse.Namespace, ports: set[int]) -> str:
+    """A private redis-server on the server core, for the Redis limiter variant."""
+    port = free_port(ports)
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    argv += ["--appendonly", "no", "--dir", str(h.tmp)]
+    p = h.spawn("redis", argv, cpu=args.server_cpu)
+    wait_ready(p, lambda: tcp_open(port), "redis port", 15)
+    return f"redis://127.0.0.1:{port}/0"
+
+
 def start_sidecar(
     h: Harness,
     args: argparse.Namespace,
@@ -405,6 +415,7 @@ def start_sidecar(
     variant: str,
     cmd: list[str],
     env: dict[str, str],
+    redis_url: str | None = None,
 ) -> Target:
     port, admin = free_port(ports), free_port(ports)
     cfg = configs.sidecar_config(
@@ -413,6 +424,7 @@ def start_sidecar(
         admin_listen=f"127.0.0.1:{admin}",
         upstream_socket=str(h.tmp / "rt.sock"),
         variant=variant,
+        redis_url=redis_url,
     )
     path = h.tmp / f"{variant}.json5"
     path.write_text(json.dumps(cfg, indent=2) + "\n")
@@ -1207,9 +1219,12 @@ def main() -> int:
                     )
             else:
                 log(f"sidecar: {how}")
+                redis_url = None
+                if configs.NEEDS_REDIS & set(wanted_sc):
+                    redis_url = start_redis(h, args, ports)
                 for v in wanted_sc:
                     try:
-                        targets[v] = start_sidecar(h, args, ports, secret, v, cmd, env)
+                        targets[v] = start_sidecar(h, args, ports, secret, v, cmd, env, redis_url)
                     except Exception as e:
                         skipped[v] = f"did not start: {e}"
         for name, why in skipped.items():
