@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from conftest import AGENT, SECRET, ListWriter, base_doc, free_port, write_config
+from conftest import AGENT, SECRET, ListWriter, base_doc, free_port, read_reply, write_config
 
 from sidecar import config
 from sidecar.logs import AuditLog
@@ -78,12 +78,7 @@ async def post(
         aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
         session.post(url, data=json.dumps(body), headers=h) as resp,
     ):
-        text = await resp.text()
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            parsed = text
-        return resp.status, resp.headers, parsed
+        return await read_reply(resp)
 
 
 def client_context(

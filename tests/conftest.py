@@ -32,6 +32,28 @@ OTHER_SECRET = "1b3d5f7a9c0e2a4c6e8b0d2f4a6c8e0b1d3f5a7c9e2b4d6f8a0c1e3b5d7f9a2c
 AGENT = "my-agent"
 
 
+def terminate(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int | None:
+    """SIGTERM a child and wait for it; SIGKILL if it does not go in ``timeout``."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(timeout)
+
+
+async def read_reply(resp: Any) -> tuple[int, Any, Any]:
+    """(status, headers, the body as JSON when it is JSON, else text)."""
+    text = await resp.text()
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = text
+    return resp.status, resp.headers, parsed
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -141,12 +163,7 @@ class Sidecar:
         h.update(headers or {})
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
         async with self.client.post(path, data=data, headers=h) as resp:
-            text = await resp.text()
-            try:
-                parsed = json.loads(text)
-            except ValueError:
-                parsed = text
-            return resp.status, resp.headers, parsed
+            return await read_reply(resp)
 
 
 @pytest.fixture

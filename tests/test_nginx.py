@@ -36,7 +36,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -51,7 +50,7 @@ import json5
 import pytest
 import yarl
 from aiohttp import web
-from conftest import AGENT, SECRET, Runtime, base_doc, free_port, write_config
+from conftest import AGENT, SECRET, Runtime, base_doc, free_port, terminate, write_config
 
 from sidecar import config
 from sidecar.certs import write_demo_pki
@@ -165,14 +164,8 @@ class Nginx:
         return path.read_text() if path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.proc is not None:
+            terminate(self.proc)
 
 
 @pytest.fixture(scope="module")
