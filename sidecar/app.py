@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from .config import Settings
 from .guards.agents import agent_lookup, session_key_policy
@@ -163,10 +162,10 @@ _CUT_OFF_FORWARDING = Reject(504, "upstream_timeout", "cut off by shutdown")
 _CUT_OFF = Reject(408, "request_timeout", "cut off by shutdown")
 
 
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-def make_handler(state: State) -> Handler:
+def make_handler(state: State) -> RequestHandler:
     """The one request handler of the public listener, bound to ``state``."""
 
     async def handler(request: web.BaseRequest) -> web.StreamResponse:

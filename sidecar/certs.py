@@ -136,8 +136,12 @@ def write_demo_pki(out: Path, hosts: list[str]) -> list[Path]:
     )
     client_key = ec.generate_private_key(ec.SECP256R1())
     client = _issue(  # with a SAN too: RFC 5280 verifiers (cryptography's) require one
-        "webhook-sidecar client", client_key, ca, ca_key,
-        hosts=["webhook-sidecar-client"], usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        "webhook-sidecar client",
+        client_key,
+        ca,
+        ca_key,
+        hosts=["webhook-sidecar-client"],
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
     )
     pem = serialization.Encoding.PEM
     files = [

@@ -137,10 +137,13 @@ def curl_examples(base_url: str, secret: str) -> list[str]:
 
     return [
         curl("/hooks/wake", '{"agent": "my-agent"}'),
-        curl("/hooks/agent", '{"agent": "my-agent", "message": "Deployed v1.2.3 to production, check the service"}'),
         curl(
             "/hooks/agent",
-            '{"agent": "my-agent", "message": "Order 1234 failed to ship", "sessionKey": "order-1234"}',
+            '{"agent": "my-agent", "message": "Deployed v1.2.3 to production, check the service"}',
+        ),
+        curl(
+            "/hooks/agent",
+            '{"agent": "my-agent", "message": "Order 1234 failed to ship", '
+            '"sessionKey": "order-1234"}',
         ),
     ]
-

@@ -354,7 +354,9 @@ class _Builder:
 
     # -- webhooks -------------------------------------------------------------
 
-    def webhooks(self, value: object, sidecar: Sidecar | None) -> tuple[Webhooks | None, tuple[str, ...]]:
+    def webhooks(
+        self, value: object, sidecar: Sidecar | None
+    ) -> tuple[Webhooks | None, tuple[str, ...]]:
         doc = self.obj("webhooks", value, ["enabled", "secret", "secrets", "agents"])
         if doc is None:
             return None, ()
@@ -387,13 +389,19 @@ class _Builder:
         session_key = self.field(path, doc, "sessionKey", _session_key, f"webhook:{name}")
         allow = self.field(path, doc, "allowRequestSessionKey", _bool, True)
         prefixes: tuple[str, ...] = self.field(path, doc, "sessionKeyPrefixes", _prefixes, ())
-        rate = self.rate_limit(_join(path, "rateLimit"), doc["rateLimit"]) if "rateLimit" in doc else None
+        rate = (
+            self.rate_limit(_join(path, "rateLimit"), doc["rateLimit"])
+            if "rateLimit" in doc
+            else None
+        )
         concurrent = self.field(path, doc, "maxConcurrent", _int_between(1, 100_000), None)
         agent_id = self.field(path, doc, "agentId", _agent_name, name)
         wake = self.field(path, doc, "wakeText", _text(1, 2000), f"Webhook wake for {name}")
         return Agent(name, session_key, allow, prefixes, rate, concurrent, agent_id, wake)
 
-    def secrets(self, doc: Mapping[str, Any], agents: Mapping[str, Agent], min_len: int) -> list[Secret]:
+    def secrets(
+        self, doc: Mapping[str, Any], agents: Mapping[str, Agent], min_len: int
+    ) -> list[Secret]:
         if ("secret" in doc) == ("secrets" in doc):
             self.bad("webhooks", "exactly one of 'secret' and 'secrets' is required")
             return []
@@ -414,7 +422,9 @@ class _Builder:
                 self.bad(label, f"secret {secret.id!r} is a repeated pattern, not a random secret")
             for other in found[:index]:
                 if hmac.compare_digest(other.value, secret.value):
-                    self.bad(label, f"secret {secret.id!r} has the same value as secret {other.id!r}")
+                    self.bad(
+                        label, f"secret {secret.id!r} has the same value as secret {other.id!r}"
+                    )
         if found and not any(s.valid_at(self.now) for s in found):
             self.bad("webhooks.secrets", "no secret is valid now (check notBefore/notAfter)")
         return found
@@ -439,11 +449,15 @@ class _Builder:
             found.append(secret)
         return found
 
-    def secret(self, path: str, value: object, default_id: str | None, *, listed: bool) -> Secret | None:
+    def secret(
+        self, path: str, value: object, default_id: str | None, *, listed: bool
+    ) -> Secret | None:
         """A secret entry: a string, or an object with exactly one of value/file/env."""
         if isinstance(value, str) and not listed:
             value = {"value": value}
-        keys = ["value", "file", "env"] + (["id", "notBefore", "notAfter", "agents"] if listed else [])
+        keys = ["value", "file", "env"] + (
+            ["id", "notBefore", "notAfter", "agents"] if listed else []
+        )
         doc = self.obj(path, value, keys)
         if doc is None:
             return None
@@ -513,18 +527,43 @@ class _Builder:
         rate = self.rate_limits(doc.get("rateLimit", {}))
         lockout = self.lockout(doc.get("authLockout", {}))
         limits = self.limits(doc.get("limits", {}))
-        min_len = self.field(p, doc, "minSecretLength", _int_between(1, 4096), DEFAULT_MIN_SECRET_LENGTH)
+        min_len = self.field(
+            p, doc, "minSecretLength", _int_between(1, 4096), DEFAULT_MIN_SECRET_LENGTH
+        )
         shutdown = self.field(p, doc, "shutdownTimeout", parse_duration, 15.0)
         log_doc = self.obj("sidecar.log", doc.get("log", {}), ["level", "format"]) or {}
         log = Log(
-            self.field("sidecar.log", log_doc, "level", _choice("debug", "info", "warning", "error"), "info"),
+            self.field(
+                "sidecar.log",
+                log_doc,
+                "level",
+                _choice("debug", "info", "warning", "error"),
+                "info",
+            ),
             self.field("sidecar.log", log_doc, "format", _choice("json", "text"), "json"),
         )
-        if None in (listen, admin, upstream, rate, lockout, limits):
+        if (
+            listen is None
+            or admin is None
+            or upstream is None
+            or rate is None
+            or lockout is None
+            or limits is None
+        ):
             return None
         return Sidecar(
-            listen, admin, upstream, tls, allow, trusted or (), rate, lockout, limits,  # type: ignore[arg-type]
-            min_len, shutdown, log,
+            listen,
+            admin,
+            upstream,
+            tls,
+            allow,
+            trusted or (),
+            rate,
+            lockout,
+            limits,
+            min_len,
+            shutdown,
+            log,
         )
 
     def tls(self, value: object) -> Tls | None:
@@ -568,14 +607,22 @@ class _Builder:
             socket_path = self.field(p, doc, "socket", _socket_path, DEFAULT_UPSTREAM_SOCKET)
             if socket_path is not None and not os.path.isabs(socket_path):
                 socket_path = str(self.base / socket_path)
-        token = self.secret(f"{p}.token", doc["token"], "upstream", listed=False) if "token" in doc else None
+        token = (
+            self.secret(f"{p}.token", doc["token"], "upstream", listed=False)
+            if "token" in doc
+            else None
+        )
         if token is not None and any(c < 0x20 or c == 0x7F for c in token.value):
             # It becomes an HTTP header value: a line break would let it add headers.
             self.bad(f"{p}.token", "must not contain control characters")
             token = None
         if protocol == "openclaw" and "token" not in doc:
-            self.bad(f"{p}.token", "is required with protocol 'openclaw' (the gateway's hooks.token)")
-        timeout = self.field(p, doc, "timeout", parse_duration, 20.0 if protocol == "openclaw" else 10.0)
+            self.bad(
+                f"{p}.token", "is required with protocol 'openclaw' (the gateway's hooks.token)"
+            )
+        timeout = self.field(
+            p, doc, "timeout", parse_duration, 20.0 if protocol == "openclaw" else 10.0
+        )
         return Upstream(socket_path, url, host, port, protocol, token, timeout)
 
     def rate_limits(self, value: object) -> RateLimits | None:
@@ -624,12 +671,27 @@ class _Builder:
 
 
 _SIDECAR_KEYS = [
-    "listen", "tls", "admin", "upstream", "allowIps", "trustedProxies", "rateLimit",
-    "authLockout", "limits", "minSecretLength", "shutdownTimeout", "log",
+    "listen",
+    "tls",
+    "admin",
+    "upstream",
+    "allowIps",
+    "trustedProxies",
+    "rateLimit",
+    "authLockout",
+    "limits",
+    "minSecretLength",
+    "shutdownTimeout",
+    "log",
 ]
 _AGENT_KEYS = [
-    "sessionKey", "allowRequestSessionKey", "sessionKeyPrefixes", "rateLimit",
-    "maxConcurrent", "agentId", "wakeText",
+    "sessionKey",
+    "allowRequestSessionKey",
+    "sessionKeyPrefixes",
+    "rateLimit",
+    "maxConcurrent",
+    "agentId",
+    "wakeText",
 ]
 
 

@@ -44,7 +44,9 @@ def write_config(folder: Path, port: int, admin_port: int, secret: str) -> Path:
         "webhooks": {
             "enabled": True,
             "secrets": [{"id": "demo", "file": "secret"}],
-            "agents": {"my-agent": {"sessionKey": "webhook-session", "allowRequestSessionKey": True}},
+            "agents": {
+                "my-agent": {"sessionKey": "webhook-session", "allowRequestSessionKey": True}
+            },
         },
         "sidecar": {
             "listen": f"127.0.0.1:{port}",
@@ -89,7 +91,10 @@ def run(port: int) -> int:
         print(f"demo: --port must be 1-65535, not {port}", file=sys.stderr)
         return 2
     if _port_taken(port):
-        print(f"demo: port {port} on 127.0.0.1 is already in use; pick another with --port N", file=sys.stderr)
+        print(
+            f"demo: port {port} on 127.0.0.1 is already in use; pick another with --port N",
+            file=sys.stderr,
+        )
         return 1
     with tempfile.TemporaryDirectory(prefix="whs-") as tmp:
         secret = gen_secret()

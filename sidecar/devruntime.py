@@ -88,6 +88,8 @@ def run(socket_path: str) -> int:
     try:
         asyncio.run(_serve(socket_path))
     except OSError as exc:
-        print(f"dev-runtime: cannot listen on {socket_path}: {exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"dev-runtime: cannot listen on {socket_path}: {exc.strerror or exc}", file=sys.stderr
+        )
         return 1
     return 0

@@ -80,7 +80,9 @@ class Server:
             # again: stop() keeps the deadline itself, so this is only a backstop.
             shutdown_timeout=AIOHTTP_SHUTDOWN_BACKSTOP,
         )
-        self._admin = web.AppRunner(create_admin_app(self.state), access_log=None, shutdown_timeout=1)
+        self._admin = web.AppRunner(
+            create_admin_app(self.state), access_log=None, shutdown_timeout=1
+        )
 
     async def start(self) -> None:
         settings = self.state.settings

@@ -167,9 +167,7 @@ class Sidecar:
 
 
 @pytest.fixture
-async def make_sidecar(
-    aiohttp_client: Any, short_tmp: Path
-) -> Callable[[dict[str, Any]], Any]:
+async def make_sidecar(aiohttp_client: Any, short_tmp: Path) -> Callable[[dict[str, Any]], Any]:
     """Build a sidecar from a config document, loaded from a file like in production."""
 
     async def make(doc: dict[str, Any], now: float | None = None) -> Sidecar:
@@ -188,12 +186,13 @@ async def sidecar(make_sidecar: Any, runtime: Runtime) -> Sidecar:
     return await make_sidecar(base_doc(runtime.path))
 
 
-
 class SidecarProcess:
     """``webhook-sidecar run`` as a real child process, its stderr and stdout collected
     line by line (``lines`` and ``stdout_lines``)."""
 
-    def __init__(self, config_path: Path, admin_port: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config_path: Path, admin_port: int, env: dict[str, str] | None = None
+    ) -> None:
         self.config_path = config_path
         self.admin_port = admin_port
         self.env = {**os.environ, **(env or {})}
@@ -219,7 +218,9 @@ class SidecarProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sidecar exited {self.proc.returncode}: {self.output()}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/healthz", timeout=1):
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.admin_port}/healthz", timeout=1
+                ):
                     return self
             except OSError:
                 time.sleep(0.05)
@@ -266,7 +267,9 @@ def sidecar_process() -> Iterator[Callable[..., SidecarProcess]]:
     """Start real sidecar processes; every one is stopped at the end of the test."""
     started: list[SidecarProcess] = []
 
-    def start(config_path: Path, admin_port: int, env: dict[str, str] | None = None) -> SidecarProcess:
+    def start(
+        config_path: Path, admin_port: int, env: dict[str, str] | None = None
+    ) -> SidecarProcess:
         proc = SidecarProcess(config_path, admin_port, env)
         started.append(proc)
         return proc.start()

@@ -8,7 +8,6 @@ import json
 from typing import Any
 
 import pytest
-
 from conftest import AGENT, OTHER_SECRET, SECRET, Runtime, Sidecar, base_doc
 
 AGENT_BODY = {"agent": AGENT, "message": "Deployed v1.2.3, check the service"}
@@ -38,7 +37,9 @@ async def test_wake_uses_the_agents_fixed_session(sidecar: Sidecar, runtime: Run
 
 
 async def test_agent_call_forwards_message_and_metadata(sidecar: Sidecar, runtime: Runtime) -> None:
-    status, _, body = await sidecar.post("/hooks/agent", AGENT_BODY, headers={"Idempotency-Key": "deploy-42"})
+    status, _, body = await sidecar.post(
+        "/hooks/agent", AGENT_BODY, headers={"Idempotency-Key": "deploy-42"}
+    )
     assert status == 200 and body["session"] == "webhook-session"
     [call] = runtime.calls
     assert call["message"] == AGENT_BODY["message"]
@@ -62,13 +63,17 @@ async def test_default_session_is_webhook_colon_name(make_sidecar: Any, runtime:
 
 
 async def test_client_request_id_is_kept_when_well_formed(sidecar: Sidecar) -> None:
-    _, headers, body = await sidecar.post("/hooks/wake", {"agent": AGENT}, headers={"X-Request-Id": "ci.run-7_a"})
+    _, headers, body = await sidecar.post(
+        "/hooks/wake", {"agent": AGENT}, headers={"X-Request-Id": "ci.run-7_a"}
+    )
     assert body["requestId"] == headers["X-Request-Id"] == "ci.run-7_a"
 
 
 @pytest.mark.parametrize("bad", ["", "has space", "x" * 65, "semi;colon", "ünï"])
 async def test_malformed_client_request_id_is_replaced(sidecar: Sidecar, bad: str) -> None:
-    _, headers, body = await sidecar.post("/hooks/wake", {"agent": AGENT}, headers={"X-Request-Id": bad.encode().decode("latin-1")})
+    _, headers, body = await sidecar.post(
+        "/hooks/wake", {"agent": AGENT}, headers={"X-Request-Id": bad.encode().decode("latin-1")}
+    )
     assert body["requestId"] == headers["X-Request-Id"] != bad
     assert len(body["requestId"]) == 16
 
@@ -121,10 +126,24 @@ async def test_client_credentials_and_forwarding_headers_never_reach_the_runtime
 
 @pytest.mark.parametrize(
     "path",
-    ["/", "/hooks", "/hooks/", "/hooks/agent/", "/hooks//agent", "/HOOKS/agent", "/hooks/Agent",
-     "/hooks/agents", "/metrics", "/healthz", "/readyz", "/hooks/wake/x"],
+    [
+        "/",
+        "/hooks",
+        "/hooks/",
+        "/hooks/agent/",
+        "/hooks//agent",
+        "/HOOKS/agent",
+        "/hooks/Agent",
+        "/hooks/agents",
+        "/metrics",
+        "/healthz",
+        "/readyz",
+        "/hooks/wake/x",
+    ],
 )
-async def test_unknown_paths_are_404_even_with_a_valid_token(sidecar: Sidecar, runtime: Runtime, path: str) -> None:
+async def test_unknown_paths_are_404_even_with_a_valid_token(
+    sidecar: Sidecar, runtime: Runtime, path: str
+) -> None:
     status, headers, body = await sidecar.post(path, AGENT_BODY)
     assert_error(status, body, headers, 404, "not_found")
     assert runtime.calls == []
@@ -139,7 +158,9 @@ async def test_other_methods_are_405_with_allow(sidecar: Sidecar, method: str) -
 
 
 @pytest.mark.parametrize("param", ["token", "access_token"])
-async def test_token_in_query_is_400_even_when_valid(sidecar: Sidecar, runtime: Runtime, param: str) -> None:
+async def test_token_in_query_is_400_even_when_valid(
+    sidecar: Sidecar, runtime: Runtime, param: str
+) -> None:
     status, headers, body = await sidecar.post(f"/hooks/agent?{param}={SECRET}", AGENT_BODY)
     assert_error(status, body, headers, 400, "token_in_query")
     assert SECRET not in str(body)
@@ -176,16 +197,25 @@ async def test_bad_tokens_are_401_with_www_authenticate(
 
 @pytest.mark.parametrize("scheme", ["bearer", "BEARER", "BeArEr"])
 async def test_bearer_scheme_is_case_insensitive(sidecar: Sidecar, scheme: str) -> None:
-    status, _, _ = await sidecar.post("/hooks/wake", {"agent": AGENT}, token=None, headers={"Authorization": f"{scheme} {SECRET}"})
+    status, _, _ = await sidecar.post(
+        "/hooks/wake", {"agent": AGENT}, token=None, headers={"Authorization": f"{scheme} {SECRET}"}
+    )
     assert status == 200
 
 
 async def test_two_authorization_headers_are_401(sidecar: Sidecar, runtime: Runtime) -> None:
     from multidict import CIMultiDict
 
-    headers = CIMultiDict([("Authorization", f"Bearer {SECRET}"), ("Authorization", f"Bearer {SECRET}"),
-                           ("Content-Type", "application/json")])
-    async with sidecar.client.post("/hooks/wake", data=b'{"agent": "my-agent"}', headers=headers) as resp:
+    headers = CIMultiDict(
+        [
+            ("Authorization", f"Bearer {SECRET}"),
+            ("Authorization", f"Bearer {SECRET}"),
+            ("Content-Type", "application/json"),
+        ]
+    )
+    async with sidecar.client.post(
+        "/hooks/wake", data=b'{"agent": "my-agent"}', headers=headers
+    ) as resp:
         assert resp.status == 401
         assert (await resp.json())["error"] == "unauthorized"
     assert runtime.calls == []
@@ -198,7 +228,11 @@ def rotation_doc(runtime: Runtime, now: float) -> dict[str, Any]:
     doc["webhooks"]["secrets"] = [
         {"id": "current", "env": "TEST_WEBHOOK_SECRET"},
         {"id": "expired", "value": OTHER_SECRET, "notAfter": "2020-01-01T00:00:00Z"},
-        {"id": "future", "value": "f" * 16 + "0123456789abcdef" * 3, "notBefore": "2999-01-01T00:00:00Z"},
+        {
+            "id": "future",
+            "value": "f" * 16 + "0123456789abcdef" * 3,
+            "notBefore": "2999-01-01T00:00:00Z",
+        },
         {"id": "ci", "value": "c1" * 8 + "0123456789abcdef" * 3, "agents": ["devops-agent"]},
     ]
     return doc
@@ -212,11 +246,15 @@ async def test_expired_secret_is_401(make_sidecar: Any, runtime: Runtime) -> Non
 
 async def test_not_yet_valid_secret_is_401(make_sidecar: Any, runtime: Runtime) -> None:
     sc = await make_sidecar(rotation_doc(runtime, 0))
-    status, h, body = await sc.post("/hooks/wake", {"agent": AGENT}, token="f" * 16 + "0123456789abcdef" * 3)
+    status, h, body = await sc.post(
+        "/hooks/wake", {"agent": AGENT}, token="f" * 16 + "0123456789abcdef" * 3
+    )
     assert_error(status, body, h, 401, "unauthorized")
 
 
-async def test_every_valid_secret_is_accepted_and_named_upstream(make_sidecar: Any, runtime: Runtime) -> None:
+async def test_every_valid_secret_is_accepted_and_named_upstream(
+    make_sidecar: Any, runtime: Runtime
+) -> None:
     sc = await make_sidecar(rotation_doc(runtime, 0))
     assert (await sc.post("/hooks/wake", {"agent": AGENT}))[0] == 200
     ci = "c1" * 8 + "0123456789abcdef" * 3
@@ -245,7 +283,9 @@ async def test_disabled_webhooks_are_503_after_auth(make_sidecar: Any, runtime: 
     assert (status, body["error"]) == (401, "unauthorized")
 
 
-async def test_oversized_body_is_413_from_content_length(sidecar: Sidecar, runtime: Runtime) -> None:
+async def test_oversized_body_is_413_from_content_length(
+    sidecar: Sidecar, runtime: Runtime
+) -> None:
     status, h, body = await sidecar.post("/hooks/agent", raw=b"x" * 65537)
     assert_error(status, body, h, 413, "payload_too_large")
 
@@ -256,7 +296,8 @@ async def test_oversized_chunked_body_is_413(sidecar: Sidecar, runtime: Runtime)
             yield b'{"agent": "my-agent", "message": "' + b"a" * 4096
 
     async with sidecar.client.post(
-        "/hooks/agent", data=chunks(),
+        "/hooks/agent",
+        data=chunks(),
         headers={"Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"},
     ) as resp:
         assert resp.status == 413
@@ -349,15 +390,22 @@ async def test_expect_100_continue_refused_before_the_body_never_asks_for_it(
 
 @pytest.mark.parametrize(
     "content_type",
-    [None, "text/plain", "application/x-www-form-urlencoded", "application/json; charset=latin-1",
-     "application/jsonx"],
+    [
+        None,
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/json; charset=latin-1",
+        "application/jsonx",
+    ],
 )
 async def test_non_json_media_type_is_415(sidecar: Sidecar, content_type: str | None) -> None:
     status, h, body = await sidecar.post("/hooks/wake", {"agent": AGENT}, content_type=content_type)
     assert_error(status, body, h, 415, "unsupported_media_type")
 
 
-@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON; charset=UTF-8"])
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "Application/JSON; charset=UTF-8"]
+)
 async def test_utf8_json_media_types_are_accepted(sidecar: Sidecar, content_type: str) -> None:
     status, _, _ = await sidecar.post("/hooks/wake", {"agent": AGENT}, content_type=content_type)
     assert status == 200
@@ -403,7 +451,11 @@ async def test_bodies_that_are_not_one_json_object_are_invalid_json(
         ("/hooks/agent", {"agent": AGENT, "message": ["a"]}, "message"),
         ("/hooks/agent", {"agent": AGENT, "message": "x" * 32769}, "message"),
         ("/hooks/agent", {"agent": AGENT, "message": "hi", "sessionKey": 7}, "sessionKey"),
-        ("/hooks/agent", {"agent": AGENT, "message": "hi", "sessionKey": "has space"}, "sessionKey"),
+        (
+            "/hooks/agent",
+            {"agent": AGENT, "message": "hi", "sessionKey": "has space"},
+            "sessionKey",
+        ),
         ("/hooks/agent", {"agent": AGENT, "message": "hi", "sessionKey": "-leading"}, "sessionKey"),
         ("/hooks/agent", {"agent": AGENT, "message": "hi", "sessionKey": "k" * 129}, "sessionKey"),
         ("/hooks/agent", {"agent": AGENT, "message": "hi", "session": "typo"}, "session"),
@@ -418,8 +470,12 @@ async def test_bad_fields_are_invalid_request_naming_the_field(
     assert runtime.calls == []
 
 
-async def test_lone_surrogate_in_message_is_invalid_request(sidecar: Sidecar, runtime: Runtime) -> None:
-    status, h, body = await sidecar.post("/hooks/agent", raw=b'{"agent": "my-agent", "message": "a\\ud800b"}')
+async def test_lone_surrogate_in_message_is_invalid_request(
+    sidecar: Sidecar, runtime: Runtime
+) -> None:
+    status, h, body = await sidecar.post(
+        "/hooks/agent", raw=b'{"agent": "my-agent", "message": "a\\ud800b"}'
+    )
     assert_error(status, body, h, 400, "invalid_request")
     assert "'message'" in body["message"]
 
@@ -431,7 +487,9 @@ async def test_unicode_message_is_forwarded_intact(sidecar: Sidecar, runtime: Ru
 
 
 @pytest.mark.parametrize("key", ["", "x" * 257, "tab\there", "ünicode"])
-async def test_bad_idempotency_key_is_invalid_request(sidecar: Sidecar, runtime: Runtime, key: str) -> None:
+async def test_bad_idempotency_key_is_invalid_request(
+    sidecar: Sidecar, runtime: Runtime, key: str
+) -> None:
     status, h, body = await sidecar.post(
         "/hooks/wake", {"agent": AGENT}, headers={"Idempotency-Key": key.encode().decode("latin-1")}
     )
@@ -449,7 +507,9 @@ async def test_unknown_agent_is_404_only_after_auth(sidecar: Sidecar, runtime: R
     assert (status, body["error"]) == (401, "unauthorized")
 
 
-async def test_request_session_key_refused_when_agent_forbids_it(make_sidecar: Any, runtime: Runtime) -> None:
+async def test_request_session_key_refused_when_agent_forbids_it(
+    make_sidecar: Any, runtime: Runtime
+) -> None:
     doc = base_doc(runtime.path)
     doc["webhooks"]["agents"][AGENT]["allowRequestSessionKey"] = False
     sc = await make_sidecar(doc)
@@ -483,7 +543,9 @@ async def test_one_audit_line_per_request_without_secrets_or_messages(sidecar: S
     assert bad["outcome"] == "rejected" and bad["error"] == "unauthorized" and bad["agent"] is None
     assert missing["endpoint"] == "other"
     for line in sidecar.audit.lines:
-        assert SECRET not in line and "wrong-token" not in line and AGENT_BODY["message"] not in line
+        assert (
+            SECRET not in line and "wrong-token" not in line and AGENT_BODY["message"] not in line
+        )
 
 
 async def test_refused_and_forwarded_requests_leave_nothing_behind(sidecar: Sidecar) -> None:

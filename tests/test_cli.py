@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import AGENT, SECRET, base_doc, free_port, write_config
 
 CLI = [sys.executable, "-m", "sidecar"]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}
+    )
 
 
 def test_gen_secret_prints_64_fresh_hex_characters() -> None:
@@ -59,7 +60,9 @@ def strict_clean_doc(folder: Path) -> dict[str, Any]:
 
 
 def test_check_config_valid_exit_0(short_tmp: Path) -> None:
-    result = run_cli("check-config", "-c", str(write_config(short_tmp, strict_clean_doc(short_tmp))))
+    result = run_cli(
+        "check-config", "-c", str(write_config(short_tmp, strict_clean_doc(short_tmp)))
+    )
     assert result.returncode == 0, result.stdout
     assert result.stdout.strip().endswith("valid")
 
@@ -83,7 +86,9 @@ def test_check_config_prints_each_problem_and_exits_2(short_tmp: Path) -> None:
 
 
 def test_check_config_warnings_pass_unless_strict(short_tmp: Path) -> None:
-    path = write_config(short_tmp, base_doc(short_tmp / "rt.sock"))  # no allowIps, 0.0.0.0, any session key
+    path = write_config(
+        short_tmp, base_doc(short_tmp / "rt.sock")
+    )  # no allowIps, 0.0.0.0, any session key
     relaxed = run_cli("check-config", "-c", str(path))
     assert relaxed.returncode == 0
     warnings = [line for line in relaxed.stdout.splitlines() if line.startswith("warning: ")]
@@ -111,12 +116,19 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str
 
 def test_dev_runtime_accepts_the_forward_protocol_and_logs_json_lines(short_tmp: Path) -> None:
     sock = short_tmp / "dev.sock"
-    proc = subprocess.Popen([*CLI, "dev-runtime", "--socket", str(sock)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*CLI, "dev-runtime", "--socket", str(sock)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 15
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        body = json.dumps({"agent": AGENT, "message": "hi", "sessionKey": "s", "requestId": "r1"}).encode()
+        body = json.dumps(
+            {"agent": AGENT, "message": "hi", "sessionKey": "s", "requestId": "r1"}
+        ).encode()
         request = (
             b"POST /hooks/agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
@@ -139,7 +151,12 @@ def test_dev_runtime_accepts_the_forward_protocol_and_logs_json_lines(short_tmp:
 
 def test_demo_answers_its_own_curl_commands(short_tmp: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen([*CLI, "demo", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*CLI, "demo", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         printed: list[str] = []
@@ -160,7 +177,11 @@ def test_demo_answers_its_own_curl_commands(short_tmp: Path) -> None:
             body = argv[argv.index("-d") + 1].encode()
             results.append(_post(url, body, headers))
         assert [r[0] for r in results] == [200, 200, 200]
-        assert [r[1]["session"] for r in results] == ["webhook-session", "webhook-session", "order-1234"]
+        assert [r[1]["session"] for r in results] == [
+            "webhook-session",
+            "webhook-session",
+            "order-1234",
+        ]
         received = []
         while len(received) < 3:
             line = proc.stdout.readline()

@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import OTHER_SECRET, SECRET
 
 from sidecar import config
 from sidecar.certs import write_demo_pki
 from sidecar.config import ConfigError, load, loads, parse_duration
-
-from conftest import OTHER_SECRET, SECRET
 
 STRONG = "0123456789abcdef" * 4
 
@@ -29,7 +28,8 @@ def minimal(**webhooks: Any) -> dict[str, Any]:
 
 
 def test_the_seeds_example_loads_unchanged_with_a_strong_secret() -> None:
-    text = """{
+    text = (
+        """{
       webhooks: {
         enabled: true,
         secret: "%s",
@@ -38,7 +38,9 @@ def test_the_seeds_example_loads_unchanged_with_a_strong_secret() -> None:
           "alert-handler": { sessionKey: "alert-session" },
         },
       },
-    }""" % STRONG
+    }"""
+        % STRONG
+    )
     settings = loads(text)
     assert settings.webhooks.enabled
     assert settings.webhooks.agents["alert-handler"].session_key == "alert-session"
@@ -115,9 +117,13 @@ def test_the_full_spec_example_loads(tmp_path: Path, monkeypatch: pytest.MonkeyP
     agent = s.webhooks.agents["my-agent"]
     assert agent.rate_limit == config.RateLimit(10, 60.0, 5) and agent.max_concurrent == 4
     assert agent.agent_id == "main" and agent.session_key_prefixes == ("order-",)
-    assert s.sidecar.rate_limit.global_ == config.RateLimit(100, 1.0, 100)  # burst defaults to requests
+    assert s.sidecar.rate_limit.global_ == config.RateLimit(
+        100, 1.0, 100
+    )  # burst defaults to requests
     assert s.sidecar.auth_lockout == config.Lockout(10, 60.0, 300.0)
-    assert s.sidecar.upstream.token is not None and s.sidecar.upstream.token.value == b"gateway-token"
+    assert (
+        s.sidecar.upstream.token is not None and s.sidecar.upstream.token.value == b"gateway-token"
+    )
     assert tmp_path / "current" in s.watched_files and tmp_path / "cert.pem" in s.watched_files
 
 
@@ -140,66 +146,268 @@ def test_bad_durations(value: Any) -> None:
     [
         ({**minimal(), "extra": 1}, "config.extra: unknown key"),
         (minimal(enabeld=True), "webhooks.enabeld: unknown key (did you mean 'enabled'?)"),
-        ({**minimal(), "sidecar": {"listn": "x"}}, "sidecar.listn: unknown key (did you mean 'listen'?)"),
+        (
+            {**minimal(), "sidecar": {"listn": "x"}},
+            "sidecar.listn: unknown key (did you mean 'listen'?)",
+        ),
         (minimal(enabled="yes"), "webhooks.enabled: must be true or false"),
-        (minimal(agents={"my-agent": {"sessionKey": 5}}), "webhooks.agents.my-agent.sessionKey: must be a string"),
-        (minimal(agents={"my-agent": {"sessionKey": "has space"}}), "webhooks.agents.my-agent.sessionKey: session keys must match"),
+        (
+            minimal(agents={"my-agent": {"sessionKey": 5}}),
+            "webhooks.agents.my-agent.sessionKey: must be a string",
+        ),
+        (
+            minimal(agents={"my-agent": {"sessionKey": "has space"}}),
+            "webhooks.agents.my-agent.sessionKey: session keys must match",
+        ),
         (minimal(agents={"bad name": {}}), "webhooks.agents.bad name: agent names must match"),
-        (minimal(agents={"my-agent": {"maxConcurrent": 0}}), "webhooks.agents.my-agent.maxConcurrent: must be between 1"),
-        (minimal(agents={"my-agent": {"rateLimit": {"requests": 5, "per": "soon"}}}), "webhooks.agents.my-agent.rateLimit.per: must be a duration"),
-        (minimal(agents={"my-agent": {"sessionKeyPrefixes": "order-"}}), "webhooks.agents.my-agent.sessionKeyPrefixes: must be a list"),
+        (
+            minimal(agents={"my-agent": {"maxConcurrent": 0}}),
+            "webhooks.agents.my-agent.maxConcurrent: must be between 1",
+        ),
+        (
+            minimal(agents={"my-agent": {"rateLimit": {"requests": 5, "per": "soon"}}}),
+            "webhooks.agents.my-agent.rateLimit.per: must be a duration",
+        ),
+        (
+            minimal(agents={"my-agent": {"sessionKeyPrefixes": "order-"}}),
+            "webhooks.agents.my-agent.sessionKeyPrefixes: must be a list",
+        ),
         (minimal(agents=[]), "webhooks.agents: must be an object"),
-        ({"webhooks": {"agents": {}}}, "webhooks: exactly one of 'secret' and 'secrets' is required"),
-        (minimal(secrets=[{"id": "a", "value": STRONG}]), "webhooks: exactly one of 'secret' and 'secrets'"),
+        (
+            {"webhooks": {"agents": {}}},
+            "webhooks: exactly one of 'secret' and 'secrets' is required",
+        ),
+        (
+            minimal(secrets=[{"id": "a", "value": STRONG}]),
+            "webhooks: exactly one of 'secret' and 'secrets'",
+        ),
         ({"webhooks": {"secrets": [], "agents": {}}}, "webhooks.secrets: must be a non-empty list"),
-        ({"webhooks": {"secrets": [{"value": STRONG}], "agents": {}}}, "webhooks.secrets[0].id: is required"),
-        ({"webhooks": {"secrets": [{"id": "bad id", "value": STRONG}], "agents": {}}}, "webhooks.secrets[0].id: secret ids must match"),
-        ({"webhooks": {"secrets": [{"id": "a", "value": STRONG, "file": "x"}], "agents": {}}}, "webhooks.secrets[0]: needs exactly one of 'value', 'file', 'env'"),
-        ({"webhooks": {"secrets": [{"id": "a", "value": STRONG}, {"id": "a", "value": STRONG[::-1]}], "agents": {}}}, "webhooks.secrets[1].id: duplicate secret id 'a'"),
-        ({"webhooks": {"secrets": [{"id": "a", "value": STRONG}, {"id": "b", "value": STRONG}], "agents": {}}}, "webhooks.secrets[1]: secret 'b' has the same value as secret 'a'"),
-        ({"webhooks": {"secrets": [{"id": "a", "value": STRONG, "agents": ["ghost"]}], "agents": {}}}, "webhooks.secrets[0].agents: unknown agent 'ghost'"),
-        ({"webhooks": {"secrets": [{"id": "a", "value": STRONG, "notAfter": "2020-01-01"}], "agents": {}}}, "webhooks.secrets[0].notAfter: must be an RFC 3339 time with a zone"),
-        ({"webhooks": {"secrets": [{"id": "a", "value": STRONG, "notAfter": "2020-01-01T00:00:00Z"}], "agents": {}}}, "webhooks.secrets: no secret is valid now"),
-        ({"webhooks": {"secrets": [{"id": "a", "value": STRONG, "notBefore": "2030-01-01T00:00:00Z", "notAfter": "2029-01-01T00:00:00Z"}], "agents": {}}}, "webhooks.secrets[0].notAfter: must be later than notBefore"),
+        (
+            {"webhooks": {"secrets": [{"value": STRONG}], "agents": {}}},
+            "webhooks.secrets[0].id: is required",
+        ),
+        (
+            {"webhooks": {"secrets": [{"id": "bad id", "value": STRONG}], "agents": {}}},
+            "webhooks.secrets[0].id: secret ids must match",
+        ),
+        (
+            {"webhooks": {"secrets": [{"id": "a", "value": STRONG, "file": "x"}], "agents": {}}},
+            "webhooks.secrets[0]: needs exactly one of 'value', 'file', 'env'",
+        ),
+        (
+            {
+                "webhooks": {
+                    "secrets": [{"id": "a", "value": STRONG}, {"id": "a", "value": STRONG[::-1]}],
+                    "agents": {},
+                }
+            },
+            "webhooks.secrets[1].id: duplicate secret id 'a'",
+        ),
+        (
+            {
+                "webhooks": {
+                    "secrets": [{"id": "a", "value": STRONG}, {"id": "b", "value": STRONG}],
+                    "agents": {},
+                }
+            },
+            "webhooks.secrets[1]: secret 'b' has the same value as secret 'a'",
+        ),
+        (
+            {
+                "webhooks": {
+                    "secrets": [{"id": "a", "value": STRONG, "agents": ["ghost"]}],
+                    "agents": {},
+                }
+            },
+            "webhooks.secrets[0].agents: unknown agent 'ghost'",
+        ),
+        (
+            {
+                "webhooks": {
+                    "secrets": [{"id": "a", "value": STRONG, "notAfter": "2020-01-01"}],
+                    "agents": {},
+                }
+            },
+            "webhooks.secrets[0].notAfter: must be an RFC 3339 time with a zone",
+        ),
+        (
+            {
+                "webhooks": {
+                    "secrets": [{"id": "a", "value": STRONG, "notAfter": "2020-01-01T00:00:00Z"}],
+                    "agents": {},
+                }
+            },
+            "webhooks.secrets: no secret is valid now",
+        ),
+        (
+            {
+                "webhooks": {
+                    "secrets": [
+                        {
+                            "id": "a",
+                            "value": STRONG,
+                            "notBefore": "2030-01-01T00:00:00Z",
+                            "notAfter": "2029-01-01T00:00:00Z",
+                        }
+                    ],
+                    "agents": {},
+                }
+            },
+            "webhooks.secrets[0].notAfter: must be later than notBefore",
+        ),
         (minimal(secret="a" * 40), "webhooks.secret: secret 'default' is a repeated pattern"),
-        (minimal(secret={"env": "WHS_UNSET_VARIABLE"}), "webhooks.secret.env: environment variable WHS_UNSET_VARIABLE is not set"),
-        (minimal(secret={"file": "/nonexistent/secret"}), "webhooks.secret.file: cannot read /nonexistent/secret"),
+        (
+            minimal(secret={"env": "WHS_UNSET_VARIABLE"}),
+            "webhooks.secret.env: environment variable WHS_UNSET_VARIABLE is not set",
+        ),
+        (
+            minimal(secret={"file": "/nonexistent/secret"}),
+            "webhooks.secret.file: cannot read /nonexistent/secret",
+        ),
         (minimal(secret=5), "webhooks.secret: must be an object"),
         ({**minimal(), "sidecar": {"listen": "8080"}}, "sidecar.listen: must be host:port"),
-        ({**minimal(), "sidecar": {"listen": "example.com:80"}}, "sidecar.listen: host must be an IP address"),
-        ({**minimal(), "sidecar": {"admin": {"listen": "0.0.0.0:8080"}}}, "sidecar.admin.listen: must not share the public port"),
-        ({**minimal(), "sidecar": {"allowIps": ["10.0.0.0/33"]}}, "sidecar.allowIps: [0]: not an IP address or CIDR network"),
-        ({**minimal(), "sidecar": {"trustedProxies": "10.0.0.1"}}, "sidecar.trustedProxies: must be a list"),
-        ({**minimal(), "sidecar": {"upstream": {"socket": "/a", "url": "http://127.0.0.1:1"}}}, "sidecar.upstream: exactly one of 'socket' and 'url'"),
-        ({**minimal(), "sidecar": {"upstream": {"url": "https://127.0.0.1:1"}}}, "sidecar.upstream.url: must be an http:// URL"),
-        ({**minimal(), "sidecar": {"upstream": {"url": "http://127.0.0.1:1/hooks"}}}, "sidecar.upstream.url: must be scheme, host and port only"),
-        ({**minimal(), "sidecar": {"upstream": {"socket": "/" + "s" * 120}}}, "sidecar.upstream.socket: Unix socket paths are limited to 107 bytes"),
-        ({**minimal(), "sidecar": {"upstream": {"protocol": "grpc"}}}, "sidecar.upstream.protocol: must be one of 'forward', 'openclaw'"),
-        ({**minimal(), "sidecar": {"upstream": {"url": "http://127.0.0.1:18789", "protocol": "openclaw"}}}, "sidecar.upstream.token: is required with protocol 'openclaw'"),
-        ({**minimal(), "sidecar": {"upstream": {"token": "line\nbreak"}}}, "sidecar.upstream.token: must not contain control characters"),
-        ({**minimal(), "sidecar": {"rateLimit": {"backend": "memcached://x"}}}, "sidecar.rateLimit.backend: must be 'memory' or a redis://host:port/db URL"),
-        ({**minimal(), "sidecar": {"rateLimit": {"perIp": {"per": "1s"}}}}, "sidecar.rateLimit.perIp.requests: is required"),
-        ({**minimal(), "sidecar": {"rateLimit": {"global": {"requests": 1.5}}}}, "sidecar.rateLimit.global.requests: must be a whole number"),
-        ({**minimal(), "sidecar": {"authLockout": {"maxFailures": 0}}}, "sidecar.authLockout.maxFailures: must be between 1"),
-        ({**minimal(), "sidecar": {"limits": {"maxBodyBytes": "64k"}}}, "sidecar.limits.maxBodyBytes: must be a whole number"),
-        ({**minimal(), "sidecar": {"shutdownTimeout": 10**400}}, "sidecar.shutdownTimeout: must be at most 1 year"),
-        ({**minimal(), "sidecar": {"upstream": {"timeout": 1e308}}}, "sidecar.upstream.timeout: must be at most 1 year"),
-        ({**minimal(), "sidecar": {"rateLimit": {"perIp": {"requests": 1, "per": "9999999h"}}}}, "sidecar.rateLimit.perIp.per: must be at most 1 year"),
+        (
+            {**minimal(), "sidecar": {"listen": "example.com:80"}},
+            "sidecar.listen: host must be an IP address",
+        ),
+        (
+            {**minimal(), "sidecar": {"admin": {"listen": "0.0.0.0:8080"}}},
+            "sidecar.admin.listen: must not share the public port",
+        ),
+        (
+            {**minimal(), "sidecar": {"allowIps": ["10.0.0.0/33"]}},
+            "sidecar.allowIps: [0]: not an IP address or CIDR network",
+        ),
+        (
+            {**minimal(), "sidecar": {"trustedProxies": "10.0.0.1"}},
+            "sidecar.trustedProxies: must be a list",
+        ),
+        (
+            {**minimal(), "sidecar": {"upstream": {"socket": "/a", "url": "http://127.0.0.1:1"}}},
+            "sidecar.upstream: exactly one of 'socket' and 'url'",
+        ),
+        (
+            {**minimal(), "sidecar": {"upstream": {"url": "https://127.0.0.1:1"}}},
+            "sidecar.upstream.url: must be an http:// URL",
+        ),
+        (
+            {**minimal(), "sidecar": {"upstream": {"url": "http://127.0.0.1:1/hooks"}}},
+            "sidecar.upstream.url: must be scheme, host and port only",
+        ),
+        (
+            {**minimal(), "sidecar": {"upstream": {"socket": "/" + "s" * 120}}},
+            "sidecar.upstream.socket: Unix socket paths are limited to 107 bytes",
+        ),
+        (
+            {**minimal(), "sidecar": {"upstream": {"protocol": "grpc"}}},
+            "sidecar.upstream.protocol: must be one of 'forward', 'openclaw'",
+        ),
+        (
+            {
+                **minimal(),
+                "sidecar": {"upstream": {"url": "http://127.0.0.1:18789", "protocol": "openclaw"}},
+            },
+            "sidecar.upstream.token: is required with protocol 'openclaw'",
+        ),
+        (
+            {**minimal(), "sidecar": {"upstream": {"token": "line\nbreak"}}},
+            "sidecar.upstream.token: must not contain control characters",
+        ),
+        (
+            {**minimal(), "sidecar": {"rateLimit": {"backend": "memcached://x"}}},
+            "sidecar.rateLimit.backend: must be 'memory' or a redis://host:port/db URL",
+        ),
+        (
+            {**minimal(), "sidecar": {"rateLimit": {"perIp": {"per": "1s"}}}},
+            "sidecar.rateLimit.perIp.requests: is required",
+        ),
+        (
+            {**minimal(), "sidecar": {"rateLimit": {"global": {"requests": 1.5}}}},
+            "sidecar.rateLimit.global.requests: must be a whole number",
+        ),
+        (
+            {**minimal(), "sidecar": {"authLockout": {"maxFailures": 0}}},
+            "sidecar.authLockout.maxFailures: must be between 1",
+        ),
+        (
+            {**minimal(), "sidecar": {"limits": {"maxBodyBytes": "64k"}}},
+            "sidecar.limits.maxBodyBytes: must be a whole number",
+        ),
+        (
+            {**minimal(), "sidecar": {"shutdownTimeout": 10**400}},
+            "sidecar.shutdownTimeout: must be at most 1 year",
+        ),
+        (
+            {**minimal(), "sidecar": {"upstream": {"timeout": 1e308}}},
+            "sidecar.upstream.timeout: must be at most 1 year",
+        ),
+        (
+            {**minimal(), "sidecar": {"rateLimit": {"perIp": {"requests": 1, "per": "9999999h"}}}},
+            "sidecar.rateLimit.perIp.per: must be at most 1 year",
+        ),
         (minimal(secret={"file": "a\x00b"}), "webhooks.secret.file: cannot read"),
         (minimal(secret={"file": "\ud800"}), "webhooks.secret.file: cannot read"),
-        (minimal(secret="\ud800" + STRONG), "webhooks.secret.value: the value is not valid Unicode"),
-        (minimal(secret={"env": "\ud800"}), "webhooks.secret.env: the variable name is not valid Unicode"),
-        ({**minimal(), "sidecar": {"upstream": {"token": "\udfff" + STRONG}}}, "sidecar.upstream.token.value: the value is not valid Unicode"),
-        ({**minimal(), "sidecar": {"upstream": {"url": "http://" + "x" * 64 + ":1"}}}, "sidecar.upstream.url: has an invalid host name"),
-        ({**minimal(), "sidecar": {"upstream": {"url": "http://a..b:1"}}}, "sidecar.upstream.url: has an invalid host name"),
-        ({**minimal(), "sidecar": {"listen": "127.0.0.1:\u0668\u0660"}}, "sidecar.listen: must be host:port"),
-        ({**minimal(), "sidecar": {"listen": "127.0.0.1:" + "9" * 5000}}, "sidecar.listen: must be host:port"),
-        ({**minimal(), "sidecar": {"limits": {"maxConnections": 0}}}, "sidecar.limits.maxConnections: must be between 1 and 1000000"),
-        ({**minimal(), "sidecar": {"limits": {"maxConnections": "1k"}}}, "sidecar.limits.maxConnections: must be a whole number"),
-        ({**minimal(), "sidecar": {"tls": {"certFile": "/nonexistent.pem", "keyFile": "/nonexistent.pem"}}}, "sidecar.tls.certFile: cannot read file"),
-        ({**minimal(), "sidecar": {"tls": {"certFile": "/etc/hostname", "keyFile": "/etc/hostname", "minVersion": "1.1"}}}, "sidecar.tls.minVersion: must be one of '1.2', '1.3'"),
+        (
+            minimal(secret="\ud800" + STRONG),
+            "webhooks.secret.value: the value is not valid Unicode",
+        ),
+        (
+            minimal(secret={"env": "\ud800"}),
+            "webhooks.secret.env: the variable name is not valid Unicode",
+        ),
+        (
+            {**minimal(), "sidecar": {"upstream": {"token": "\udfff" + STRONG}}},
+            "sidecar.upstream.token.value: the value is not valid Unicode",
+        ),
+        (
+            {**minimal(), "sidecar": {"upstream": {"url": "http://" + "x" * 64 + ":1"}}},
+            "sidecar.upstream.url: has an invalid host name",
+        ),
+        (
+            {**minimal(), "sidecar": {"upstream": {"url": "http://a..b:1"}}},
+            "sidecar.upstream.url: has an invalid host name",
+        ),
+        (
+            {**minimal(), "sidecar": {"listen": "127.0.0.1:\u0668\u0660"}},
+            "sidecar.listen: must be host:port",
+        ),
+        (
+            {**minimal(), "sidecar": {"listen": "127.0.0.1:" + "9" * 5000}},
+            "sidecar.listen: must be host:port",
+        ),
+        (
+            {**minimal(), "sidecar": {"limits": {"maxConnections": 0}}},
+            "sidecar.limits.maxConnections: must be between 1 and 1000000",
+        ),
+        (
+            {**minimal(), "sidecar": {"limits": {"maxConnections": "1k"}}},
+            "sidecar.limits.maxConnections: must be a whole number",
+        ),
+        (
+            {
+                **minimal(),
+                "sidecar": {"tls": {"certFile": "/nonexistent.pem", "keyFile": "/nonexistent.pem"}},
+            },
+            "sidecar.tls.certFile: cannot read file",
+        ),
+        (
+            {
+                **minimal(),
+                "sidecar": {
+                    "tls": {
+                        "certFile": "/etc/hostname",
+                        "keyFile": "/etc/hostname",
+                        "minVersion": "1.1",
+                    }
+                },
+            },
+            "sidecar.tls.minVersion: must be one of '1.2', '1.3'",
+        ),
         ({**minimal(), "sidecar": {"log": {"level": "loud"}}}, "sidecar.log.level: must be one of"),
-        ({**minimal(), "sidecar": {"shutdownTimeout": -5}}, "sidecar.shutdownTimeout: must be a positive duration"),
+        (
+            {**minimal(), "sidecar": {"shutdownTimeout": -5}},
+            "sidecar.shutdownTimeout: must be a positive duration",
+        ),
         ([], "config: must be an object"),
         ({}, "webhooks: is required"),
     ],
@@ -210,7 +418,12 @@ def test_each_mistake_names_its_key_path(doc: Any, expected: str) -> None:
 
 
 def test_all_problems_are_reported_together() -> None:
-    found = problems({"webhooks": {"enabled": 1, "secret": "short", "agents": {"a": {"sessionKey": 5}}}, "sidecar": {"listn": 1}})
+    found = problems(
+        {
+            "webhooks": {"enabled": 1, "secret": "short", "agents": {"a": {"sessionKey": 5}}},
+            "sidecar": {"listn": 1},
+        }
+    )
     assert len(found) == 4
 
 
@@ -236,7 +449,12 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 def test_secret_values_never_appear_in_messages_or_repr(tmp_path: Path) -> None:
     weak = "hunter2-weak-secret"
     found = problems(
-        {"webhooks": {"secrets": [{"id": "a", "value": weak}, {"id": "b", "value": weak}], "agents": {}}}
+        {
+            "webhooks": {
+                "secrets": [{"id": "a", "value": weak}, {"id": "b", "value": weak}],
+                "agents": {},
+            }
+        }
     )
     assert found and all(weak not in p for p in found)
     settings = loads(json.dumps(minimal()))
@@ -256,17 +474,30 @@ def load_doc(folder: Path, doc: dict[str, Any]) -> config.Settings:
 
 
 def test_min_secret_length_can_be_lowered() -> None:
-    settings = loads(json.dumps({**minimal(secret="your-secret-token"), "sidecar": {"minSecretLength": 8}}))
+    settings = loads(
+        json.dumps({**minimal(secret="your-secret-token"), "sidecar": {"minSecretLength": 8}})
+    )
     assert settings.webhooks.secrets[0].value == b"your-secret-token"
 
 
 def test_ipv4_mapped_networks_count_as_ipv4() -> None:
-    settings = loads(json.dumps({**minimal(), "sidecar": {"allowIps": ["::ffff:10.0.0.0/104", "192.0.2.7"]}}))
+    settings = loads(
+        json.dumps({**minimal(), "sidecar": {"allowIps": ["::ffff:10.0.0.0/104", "192.0.2.7"]}})
+    )
     assert [str(n) for n in settings.sidecar.allow_ips or ()] == ["10.0.0.0/8", "192.0.2.7/32"]
 
 
 def test_openclaw_defaults_to_a_20s_timeout() -> None:
-    doc = {**minimal(), "sidecar": {"upstream": {"url": "http://127.0.0.1:18789", "protocol": "openclaw", "token": "gw-token"}}}
+    doc = {
+        **minimal(),
+        "sidecar": {
+            "upstream": {
+                "url": "http://127.0.0.1:18789",
+                "protocol": "openclaw",
+                "token": "gw-token",
+            }
+        },
+    }
     up = loads(json.dumps(doc)).sidecar.upstream
     assert (up.timeout, up.host, up.port, up.socket) == (20.0, "127.0.0.1", 18789, None)
 
@@ -298,5 +529,7 @@ def test_problems_escape_what_a_terminal_cannot_take() -> None:
     """A key quoted from the file may hold a lone surrogate or an escape sequence: the
     problem line shows it escaped, so printing it neither raises nor drives a terminal."""
     found = problems(minimal(agents={"\ud800\x1b[2J": {}}))
-    assert found == ["webhooks.agents.\\ud800\\x1b[2J: agent names must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}"]
+    assert found == [
+        "webhooks.agents.\\ud800\\x1b[2J: agent names must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+    ]
     assert all(p.isprintable() for p in found)

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-
 from conftest import AGENT, Runtime, Sidecar, base_doc, free_port
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -96,7 +95,9 @@ def content_length(head: bytes) -> int:
 
 def json_reply(status: int, body: Any = None, headers: dict[str, str] | None = None) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        return web.json_response(body if body is not None else {"ok": status < 300}, status=status, headers=headers)
+        return web.json_response(
+            body if body is not None else {"ok": status < 300}, status=status, headers=headers
+        )
 
     return handler
 
@@ -129,15 +130,24 @@ async def test_forwarded_body_is_json_with_any_message_escaped(
     assert rt.requests[1][2] == json.dumps(want).encode()
 
 
-async def test_forward_protocol_request_is_exactly_as_specified(make_sidecar: Any, short_tmp: Path, fake: Any) -> None:
+async def test_forward_protocol_request_is_exactly_as_specified(
+    make_sidecar: Any, short_tmp: Path, fake: Any
+) -> None:
     rt = await fake(json_reply(200, {"ok": True, "runId": "r-1"}))
     (short_tmp / "token").write_text("upstream-token-value\n")
     sc = await upstream_sidecar(make_sidecar, short_tmp, token={"file": str(short_tmp / "token")})
-    status, headers, body = await sc.post("/hooks/agent", {**WAKE, "message": "hello"}, headers={"Idempotency-Key": "k1"})
+    status, headers, body = await sc.post(
+        "/hooks/agent", {**WAKE, "message": "hello"}, headers={"Idempotency-Key": "k1"}
+    )
     assert status == 200 and body["runId"] == "r-1"
     [(path, sent, raw)] = rt.requests
     assert path == "/hooks/agent"
-    assert json.loads(raw) == {"agent": AGENT, "message": "hello", "sessionKey": "webhook-session", "requestId": body["requestId"]}
+    assert json.loads(raw) == {
+        "agent": AGENT,
+        "message": "hello",
+        "sessionKey": "webhook-session",
+        "requestId": body["requestId"],
+    }
     assert sent["Content-Type"] == "application/json"
     assert sent["X-Request-Id"] == body["requestId"] == headers["X-Request-Id"]
     assert sent["X-Forwarded-For"] == "127.0.0.1"
@@ -146,7 +156,9 @@ async def test_forward_protocol_request_is_exactly_as_specified(make_sidecar: An
     assert sent["Idempotency-Key"] == "k1"
 
 
-async def test_any_2xx_is_success_and_run_id_is_optional(make_sidecar: Any, short_tmp: Path, fake: Any) -> None:
+async def test_any_2xx_is_success_and_run_id_is_optional(
+    make_sidecar: Any, short_tmp: Path, fake: Any
+) -> None:
     async def accepted(request: web.Request) -> web.StreamResponse:
         return web.Response(status=202, text="queued")
 
@@ -156,7 +168,9 @@ async def test_any_2xx_is_success_and_run_id_is_optional(make_sidecar: Any, shor
     assert status == 200 and "runId" not in body
 
 
-async def test_dead_runtime_is_503_upstream_unavailable_with_retry_after(make_sidecar: Any, short_tmp: Path) -> None:
+async def test_dead_runtime_is_503_upstream_unavailable_with_retry_after(
+    make_sidecar: Any, short_tmp: Path
+) -> None:
     sc = await upstream_sidecar(make_sidecar, short_tmp)  # nothing listens on fake.sock
     status, headers, body = await sc.post("/hooks/wake", WAKE)
     assert (status, body["error"]) == (503, "upstream_unavailable")
@@ -174,14 +188,18 @@ async def test_refused_tcp_port_is_503(make_sidecar: Any, short_tmp: Path) -> No
 
 
 @pytest.mark.parametrize("runtime_status", [429, 503])
-async def test_busy_runtime_is_503_with_its_retry_after(make_sidecar: Any, short_tmp: Path, fake: Any, runtime_status: int) -> None:
+async def test_busy_runtime_is_503_with_its_retry_after(
+    make_sidecar: Any, short_tmp: Path, fake: Any, runtime_status: int
+) -> None:
     await fake(json_reply(runtime_status, {"error": "busy"}, {"Retry-After": "17"}))
     sc = await upstream_sidecar(make_sidecar, short_tmp)
     status, headers, body = await sc.post("/hooks/wake", WAKE)
     assert (status, body["error"], headers["Retry-After"]) == (503, "upstream_unavailable", "17")
 
 
-async def test_busy_runtime_with_a_date_retry_after_gets_ours(make_sidecar: Any, short_tmp: Path, fake: Any) -> None:
+async def test_busy_runtime_with_a_date_retry_after_gets_ours(
+    make_sidecar: Any, short_tmp: Path, fake: Any
+) -> None:
     await fake(json_reply(503, {}, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}))
     sc = await upstream_sidecar(make_sidecar, short_tmp)
     _, headers, _ = await sc.post("/hooks/wake", WAKE)
@@ -189,7 +207,9 @@ async def test_busy_runtime_with_a_date_retry_after_gets_ours(make_sidecar: Any,
 
 
 @pytest.mark.parametrize("runtime_status", [400, 401, 404, 500, 502])
-async def test_other_runtime_errors_are_502(make_sidecar: Any, short_tmp: Path, fake: Any, runtime_status: int) -> None:
+async def test_other_runtime_errors_are_502(
+    make_sidecar: Any, short_tmp: Path, fake: Any, runtime_status: int
+) -> None:
     await fake(json_reply(runtime_status, {"error": "internal detail that must not leak"}))
     sc = await upstream_sidecar(make_sidecar, short_tmp)
     status, _, body = await sc.post("/hooks/wake", WAKE)
@@ -197,7 +217,9 @@ async def test_other_runtime_errors_are_502(make_sidecar: Any, short_tmp: Path, 
     assert "internal detail" not in body["message"]
 
 
-async def test_slow_runtime_is_504_after_the_timeout(make_sidecar: Any, short_tmp: Path, fake: Any) -> None:
+async def test_slow_runtime_is_504_after_the_timeout(
+    make_sidecar: Any, short_tmp: Path, fake: Any
+) -> None:
     release = asyncio.Event()
 
     async def slow(request: web.Request) -> web.StreamResponse:
@@ -250,7 +272,9 @@ async def test_connections_are_reused(make_sidecar: Any, short_tmp: Path) -> Non
             except asyncio.IncompleteReadError:
                 break
             await reader.readexactly(content_length(head))
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Type: application/json\r\n\r\n{\"ok\":true}")
+            writer.write(
+                b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Type: application/json\r\n\r\n{"ok":true}'
+            )
 
     async with raw_server(serve, short_tmp / "fake.sock"):
         sc = await upstream_sidecar(make_sidecar, short_tmp)
@@ -259,7 +283,9 @@ async def test_connections_are_reused(make_sidecar: Any, short_tmp: Path) -> Non
     assert connections == 1
 
 
-async def test_keep_alive_race_is_retried_once_on_a_fresh_connection(make_sidecar: Any, short_tmp: Path) -> None:
+async def test_keep_alive_race_is_retried_once_on_a_fresh_connection(
+    make_sidecar: Any, short_tmp: Path
+) -> None:
     """The runtime answers one request per connection and then silently drops the
     connection when the next request arrives on it: the pool must retry on a new one."""
     connections = 0

@@ -346,6 +346,7 @@ async def test_sighup_reloads_and_a_broken_file_keeps_the_old_config(
     await until(counted)
     assert (await post(url, {"agent": "new-agent"}))[0] == 200
     assert proc.proc is not None and proc.proc.poll() is None
+
     # One reload per signal: the file watcher did not load the same change a second time.
     def outcomes() -> list[tuple[str, str]]:
         return [(e["msg"], e["reason"]) for e in proc.json_lines() if "reason" in e]

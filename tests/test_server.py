@@ -14,7 +14,9 @@ from typing import Any
 from conftest import AGENT, SECRET, Runtime, base_doc, free_port, write_config
 
 
-def post(port: int, path: str, body: dict[str, Any], token: str = SECRET) -> tuple[int, dict[str, Any]]:
+def post(
+    port: int, path: str, body: dict[str, Any], token: str = SECRET
+) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}",
         data=json.dumps(body).encode(),
@@ -36,7 +38,9 @@ def get(port: int, path: str) -> tuple[int, str]:
 
 
 def process_doc(runtime_path: Path, port: int, admin: int) -> dict[str, Any]:
-    return base_doc(runtime_path, listen=f"127.0.0.1:{port}", admin={"listen": f"127.0.0.1:{admin}"})
+    return base_doc(
+        runtime_path, listen=f"127.0.0.1:{port}", admin={"listen": f"127.0.0.1:{admin}"}
+    )
 
 
 async def test_run_serves_hooks_and_admin_on_separate_ports(
@@ -47,7 +51,9 @@ async def test_run_serves_hooks_and_admin_on_separate_ports(
     # urllib blocks: run it in a thread so the runtime (on this loop) can answer.
     import asyncio
 
-    status, body = await asyncio.to_thread(post, port, "/hooks/agent", {"agent": AGENT, "message": "hi"})
+    status, body = await asyncio.to_thread(
+        post, port, "/hooks/agent", {"agent": AGENT, "message": "hi"}
+    )
     assert (status, body["status"]) == (200, "ok")
     assert await asyncio.to_thread(get, admin, "/healthz") == (200, '{"status": "ok"}')
     status, text = await asyncio.to_thread(get, admin, "/readyz")
@@ -60,11 +66,15 @@ async def test_run_serves_hooks_and_admin_on_separate_ports(
     assert SECRET not in lines and "hi" not in [e.get("msg") for e in proc.json_lines()]
 
 
-async def test_readyz_is_503_when_the_runtime_is_down(short_tmp: Path, sidecar_process: Any) -> None:
+async def test_readyz_is_503_when_the_runtime_is_down(
+    short_tmp: Path, sidecar_process: Any
+) -> None:
     import asyncio
 
     port, admin = free_port(), free_port()
-    sidecar_process(write_config(short_tmp, process_doc(short_tmp / "none.sock", port, admin)), admin)
+    sidecar_process(
+        write_config(short_tmp, process_doc(short_tmp / "none.sock", port, admin)), admin
+    )
     status, text = await asyncio.to_thread(get, admin, "/readyz")
     assert status == 503 and "upstream" in json.loads(text)["reason"]
     status, body = await asyncio.to_thread(post, port, "/hooks/wake", {"agent": AGENT})
@@ -76,7 +86,10 @@ def test_bad_config_exits_2_naming_the_key(short_tmp: Path) -> None:
     doc["webhooks"]["agents"][AGENT]["sessionKey"] = 5
     path = write_config(short_tmp, doc)
     result = subprocess.run(
-        [sys.executable, "-m", "sidecar", "run", "-c", str(path)], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "sidecar", "run", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert "webhooks.agents.my-agent.sessionKey: must be a string" in result.stderr
@@ -85,7 +98,9 @@ def test_bad_config_exits_2_naming_the_key(short_tmp: Path) -> None:
 def test_missing_config_file_exits_2(short_tmp: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "sidecar", "run", "-c", str(short_tmp / "nope.json5")],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2 and "cannot read config file" in result.stderr
 
@@ -100,8 +115,11 @@ async def test_taken_port_exits_1(runtime: Runtime, short_tmp: Path) -> None:
         port = busy.getsockname()[1]
         path = write_config(short_tmp, process_doc(runtime.path, port, free_port()))
         result = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "sidecar", "run", "-c", str(path)],
-            capture_output=True, text=True, timeout=30,
+            subprocess.run,
+            [sys.executable, "-m", "sidecar", "run", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
     assert result.returncode == 1
     assert "cannot listen" in result.stderr
@@ -149,7 +167,7 @@ async def test_client_hanging_up_mid_body_is_audited_not_an_internal_error(
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(
         b"POST /hooks/agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Authorization: Bearer " + SECRET.encode() + b"\r\nContent-Length: 500\r\n\r\n{\"agent\""
+        b"Authorization: Bearer " + SECRET.encode() + b'\r\nContent-Length: 500\r\n\r\n{"agent"'
     )
     await writer.drain()
     await asyncio.sleep(0.3)

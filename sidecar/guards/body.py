@@ -129,7 +129,8 @@ def _check_idempotency_key(call: Call) -> None:
     key = keys[0]
     if not 0 < len(key) <= IDEMPOTENCY_KEY_MAX or not key.isascii() or not key.isprintable():
         raise invalid_request(
-            f"header 'Idempotency-Key' must be 1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters"
+            f"header 'Idempotency-Key' must be 1 to {IDEMPOTENCY_KEY_MAX} "
+            "printable ASCII characters"
         )
 
 

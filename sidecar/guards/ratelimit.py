@@ -126,11 +126,14 @@ def agent_limits(
             checks[name] = [(Policy("agent", agent.rate_limit), "agent:" + name)]
         if agent.max_concurrent is not None:
             cap = agent.max_concurrent
-            busy[name] = cap, {
-                "Retry-After": RETRY_AFTER_BUSY,
-                "RateLimit-Policy": f'"concurrency";q={cap};qu="concurrent-requests"',
-                "RateLimit": '"concurrency";r=0',
-            }
+            busy[name] = (
+                cap,
+                {
+                    "Retry-After": RETRY_AFTER_BUSY,
+                    "RateLimit-Policy": f'"concurrency";q={cap};qu="concurrent-requests"',
+                    "RateLimit": '"concurrency";r=0',
+                },
+            )
             releases[name] = functools.partial(in_flight.release, name)
     if not checks and not busy:
         return None

@@ -247,4 +247,3 @@ class RedisLimiter(Limiter):
         for task in list(self._sending):
             task.cancel()
         await self.client.aclose()
-

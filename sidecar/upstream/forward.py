@@ -57,9 +57,7 @@ class Forwarder(BaseForwarder):
         if self.auth_header is not None:
             headers.append(("Authorization", self.auth_header))
         headers += idempotency_key(call)
-        return request_bytes(
-            f"/hooks/{call.endpoint}", self.host, headers, body.encode()
-        )
+        return request_bytes(f"/hooks/{call.endpoint}", self.host, headers, body.encode())
 
     def reply(self, call: Call, response: Response) -> str | None:
         if 200 <= response.status < 300:

@@ -118,7 +118,9 @@ class _Connection(asyncio.Protocol):
             self.waiter = None
 
 
-Connector = Callable[[Callable[[], _Connection]], Awaitable[tuple[asyncio.BaseTransport, _Connection]]]
+Connector = Callable[
+    [Callable[[], _Connection]], Awaitable[tuple[asyncio.BaseTransport, _Connection]]
+]
 
 
 class Pool:
