@@ -111,6 +111,16 @@ class ListWriter:
         return [json.loads(line) for line in self.lines]
 
 
+async def serve_unix(path: Path, handler: Any, route: str = "/hooks/{hook}") -> web.AppRunner:
+    """A small aiohttp app answering POSTs to ``route`` on a real Unix socket."""
+    app = web.Application()
+    app.router.add_post(route, handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.UnixSite(runner, str(path)).start()
+    return runner
+
+
 class Runtime:
     """The reference runtime on a real Unix socket, remembering every call."""
 

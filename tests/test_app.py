@@ -561,3 +561,22 @@ async def test_refused_and_forwarded_requests_leave_nothing_behind(sidecar: Side
         await sidecar.post("/hooks/agent", AGENT_BODY)
     gc.collect()
     assert sum(isinstance(o, Call) for o in gc.get_objects()) == 0
+
+
+async def test_a_bug_in_the_chain_is_500_internal_error_without_its_detail(
+    sidecar: Sidecar, runtime: Runtime
+) -> None:
+    """SPEC §3 internal_error: the detail goes to the log, not the response."""
+    import dataclasses
+
+    def broken(call: Any) -> None:
+        raise RuntimeError("detail-that-stays-in-the-log")
+
+    current = sidecar.state.runtime
+    assert current is not None
+    sidecar.state.runtime = dataclasses.replace(current, guards=(*current.guards[:3], broken))
+    status, headers, body = await sidecar.post("/hooks/agent", AGENT_BODY)
+    assert_error(status, body, headers, 500, "internal_error")
+    assert "detail-that-stays-in-the-log" not in str(body)
+    assert sidecar.audit.entries()[-1]["error"] == "internal_error"
+    assert runtime.calls == []

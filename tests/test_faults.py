@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from clients import listening_doc
-from conftest import AGENT, OTHER_SECRET, SECRET
+from conftest import AGENT, OTHER_SECRET, SECRET, serve_unix
 from load import Result, RuntimeProcess, run_load, summary
 from redis_server import running_redis_server
 
@@ -226,11 +226,7 @@ class SlowRuntime:
         return web.json_response({"ok": True, "runId": f"run-{len(self.calls)}"})
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hooks/{hook}", self.hook)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.UnixSite(self.runner, str(self.path)).start()
+        self.runner = await serve_unix(self.path, self.hook)
 
     async def stop(self) -> None:
         if self.runner is not None:

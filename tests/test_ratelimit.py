@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from clients import until
-from conftest import AGENT, OTHER_SECRET, Runtime, Sidecar, base_doc
+from conftest import AGENT, OTHER_SECRET, Runtime, Sidecar, base_doc, serve_unix
 
 from sidecar import config
 from sidecar.config import RateLimit
@@ -233,11 +233,7 @@ class SlowRuntime:
         return web.json_response({"ok": self.status == 200}, status=self.status)
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hooks/{hook}", self.hook)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.UnixSite(self.runner, str(self.path)).start()
+        self.runner = await serve_unix(self.path, self.hook)
 
 
 @pytest.fixture
