@@ -201,12 +201,12 @@ class AuditLog:
         self._second_text = ""
 
     def _time(self) -> str:
-        now = time.time()
-        second = int(now)
+        ms = time.time_ns() // 1_000_000
+        second, ms = divmod(ms, 1000)
         if second != self._second:
             self._second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
             self._second = second
-        return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
+        return f"{self._second_text}.{ms:03d}Z"
 
     def record(
         self,
@@ -220,14 +220,17 @@ class AuditLog:
         secret_id: str | None,
         duration: float,
     ) -> None:
+        """``endpoint``, ``outcome`` and ``error`` are names from this package (SPEC §3's
+        codes): written as they are. Everything else goes through the JSON encoder."""
         ms = f"{duration * 1000:.3f}"
         if self.json:
             q = _quote
+            err = "null" if error is None else f'"{error}"'
             self.writer.write(
                 f'{{"time":"{self._time()}","requestId":{q(request_id)},'
-                f'"clientIp":{q(client_ip)},"endpoint":{q(endpoint)},'
-                f'"agent":{"null" if agent is None else q(agent)},"outcome":{q(outcome)},'
-                f'"status":{int(status)},"error":{"null" if error is None else q(error)},'
+                f'"clientIp":{q(client_ip)},"endpoint":"{endpoint}",'
+                f'"agent":{"null" if agent is None else q(agent)},"outcome":"{outcome}",'
+                f'"status":{status},"error":{err},'
                 f'"secretId":{"null" if secret_id is None else q(secret_id)},"durationMs":{ms}}}'
             )
         else:
