@@ -50,13 +50,14 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -150,6 +151,23 @@ def render(families: Families) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Exposed(families))
     return generate_latest(registry)
+
+
+def _metrics_handler(
+    fetch: Callable[[], Awaitable[Families]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """prometheus_client's own aiohttp handler (OpenMetrics negotiation, gzip, as on a
+    single process) over families ``fetch`` gathers from the workers first."""
+    exposed = _Exposed({})
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(exposed)
+    serve = make_aiohttp_handler(registry)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        exposed.families = await fetch()
+        return await serve(request)
+
+    return handler
 
 
 # ----------------------------------------------------------------------------- supervisor
@@ -391,7 +409,7 @@ class Supervisor:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/metrics", _metrics_handler(self._gather_metrics))
         self._admin = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self._admin.setup()
         a = self.settings.sidecar.admin_listen
@@ -418,7 +436,7 @@ class Supervisor:
                 return unavailable(f"worker {worker.index}: {reason}")
         return web.json_response({"status": "ok", "workers": len(running)})
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _gather_metrics(self) -> Families:
         running = [w for w in self.workers if w.running]
         answers = await asyncio.gather(*(self._ask(w, "/metrics") for w in running))
         for worker, (status, text) in zip(running, answers, strict=True):
@@ -426,9 +444,7 @@ class Supervisor:
                 worker.last = parse_metrics(text)
         families = merge([self.retired, *(w.last for w in self.workers)])
         families.update(self._own_metrics(len(running)))
-        return web.Response(
-            body=render(families), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        return families
 
     def _own_metrics(self, running: int) -> Families:
         p = "webhook_sidecar_"

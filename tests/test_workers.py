@@ -185,6 +185,16 @@ async def test_connections_are_spread_over_the_workers_and_metrics_add_up(
     assert m.value("webhook_sidecar_workers") == 2
     assert m.value("webhook_sidecar_worker_restarts_total") == 0
     assert m.value("webhook_sidecar_config_reloads_total", result="success") == 0
+    # The same negotiation as a single process: OpenMetrics when asked for.
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port_of(doc, 'admin')}/metrics",
+        headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+    )
+    with await asyncio.to_thread(urllib.request.urlopen, request, timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+        text = resp.read().decode()
+    assert text.endswith("# EOF\n")
+    assert 'webhook_sidecar_requests_total{code="200",endpoint="agent"} 40.0' in text
     # Worker log lines say which worker wrote them; audit lines keep the SPEC §7 keys.
     lines = proc.json_lines()
     assert {line["worker"] for line in lines if line.get("msg") == "listening"} == {0, 1}
