@@ -224,6 +224,7 @@ class Supervisor:
         self.workers = [Worker(i, f"\0webhook-sidecar-{tag}-{i}") for i in range(n)]
         self.port = settings.sidecar.listen.port
         self.held: list[socket.socket] = []
+        self.serving = False  # every worker answered once: /readyz may say 200
         self.draining = False
         self.gave_up = False
         self.restarts = 0
@@ -265,6 +266,7 @@ class Supervisor:
             },
         )
         self._watchers = [asyncio.ensure_future(self._watch(w)) for w in self.workers]
+        self.serving = True
         await self._stop.wait()
         return await self._drain()
 
@@ -424,6 +426,8 @@ class Supervisor:
 
         if self.draining:
             return unavailable("shutting down")
+        if not self.serving:
+            return unavailable("workers starting")
         running = [w for w in self.workers if w.running]
         if not running:
             return unavailable("no worker is running")

@@ -326,7 +326,7 @@ async def test_a_worker_that_cannot_start_again_makes_the_supervisor_exit_1(
     os.kill(started(proc)[1], signal.SIGKILL)
     assert await asyncio.to_thread(proc.wait, 30) == 1
     messages = [line.get("msg", "") for line in proc.json_lines()]
-    assert any("giving up" in m for m in messages)
+    assert any("giving up" in m for m in messages), proc.output()
     assert "config error: sidecar.unknownKey: unknown key" in "\n".join(proc.lines)
 
 
