@@ -226,7 +226,7 @@ async def test_sigterm_drains_every_worker_without_losing_a_call(
 ) -> None:
     doc = doc_for(pid_runtime.path)
     proc = await start(sidecar_process, short_tmp, doc)
-    pid_runtime.delay = 1.5
+    pid_runtime.delay = 3.0
     calls = [asyncio.ensure_future(post(url(doc), BODY)) for _ in range(12)]
     await until(lambda: pid_runtime.started == 12)
     assert len(set(pid_runtime.pids)) == 2  # calls in flight in both workers
@@ -236,7 +236,7 @@ async def test_sigterm_drains_every_worker_without_losing_a_call(
     async def unready() -> bool:
         return (await asyncio.to_thread(get, admin, "/readyz"))[0] == 503
 
-    await until(unready, timeout=1.0)  # at once, while the calls are still running
+    await until(unready, timeout=2.5)  # at once, while the calls are still running
     assert not any(call.done() for call in calls)
     assert [status for status, _, _ in await asyncio.gather(*calls)] == [200] * 12
     assert await asyncio.to_thread(proc.wait) == 0
