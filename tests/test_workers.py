@@ -16,7 +16,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,21 @@ async def worker_scrape(pid: int) -> Scrape:
         return Scrape(await resp.text())
 
 
+Launch = Callable[..., Awaitable[tuple[dict[str, Any], SidecarProcess]]]
+
+
+@pytest.fixture
+def launch(pid_runtime: PidRuntime, short_tmp: Path, sidecar_process: Any) -> Launch:
+    """Start a supervisor with two workers in front of ``pid_runtime``, once it is ready:
+    (its config document, the process)."""
+
+    async def go(**sidecar: Any) -> tuple[dict[str, Any], SidecarProcess]:
+        doc = doc_for(pid_runtime.path, **sidecar)
+        return doc, await start(sidecar_process, short_tmp, doc)
+
+    return go
+
+
 async def spread(doc: dict[str, Any], n: int, **kwargs: Any) -> list[int]:
     """``n`` calls, each on a fresh connection (the kernel picks a worker per connection)."""
     results = await asyncio.gather(*(post(url(doc, **kwargs), BODY) for _ in range(n)))
@@ -164,10 +179,9 @@ async def spread(doc: dict[str, Any], n: int, **kwargs: Any) -> list[int]:
 
 
 async def test_connections_are_spread_over_the_workers_and_metrics_add_up(
-    pid_runtime: PidRuntime, short_tmp: Path, sidecar_process: Any
+    pid_runtime: PidRuntime, launch: Launch
 ) -> None:
-    doc = doc_for(pid_runtime.path)
-    proc = await start(sidecar_process, short_tmp, doc)
+    doc, proc = await launch()
     pids = started(proc)
     assert len(pids) == 2 and proc.proc is not None and proc.proc.pid not in pids.values()
     statuses = await spread(doc, 40)
@@ -203,13 +217,13 @@ async def test_connections_are_spread_over_the_workers_and_metrics_add_up(
 
 
 async def test_tls_is_served_by_every_worker(
-    pid_runtime: PidRuntime, short_tmp: Path, sidecar_process: Any
+    pid_runtime: PidRuntime, short_tmp: Path, launch: Launch
 ) -> None:
     pki = short_tmp / "pki"
     write_demo_pki(pki, ["127.0.0.1"])
-    tls = {"certFile": str(pki / "server.pem"), "keyFile": str(pki / "server-key.pem")}
-    doc = doc_for(pid_runtime.path, tls=tls)
-    await start(sidecar_process, short_tmp, doc)
+    doc, _ = await launch(
+        tls={"certFile": str(pki / "server.pem"), "keyFile": str(pki / "server-key.pem")}
+    )
     ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
     results = await asyncio.gather(
         *(post(url(doc, "https"), BODY, ssl_context=ctx) for _ in range(20))
@@ -221,14 +235,21 @@ async def test_tls_is_served_by_every_worker(
 # ---------------------------------------------------------------- signals
 
 
+async def in_flight(
+    rt: PidRuntime, doc: dict[str, Any], n: int, delay: float
+) -> list[asyncio.Future[tuple[int, Any, Any]]]:
+    """``n`` calls that the runtime holds for ``delay`` seconds, once all have reached it."""
+    rt.delay = delay
+    calls = [asyncio.ensure_future(post(url(doc), BODY)) for _ in range(n)]
+    await until(lambda: rt.started == n)
+    return calls
+
+
 async def test_sigterm_drains_every_worker_without_losing_a_call(
-    pid_runtime: PidRuntime, short_tmp: Path, sidecar_process: Any
+    pid_runtime: PidRuntime, launch: Launch
 ) -> None:
-    doc = doc_for(pid_runtime.path)
-    proc = await start(sidecar_process, short_tmp, doc)
-    pid_runtime.delay = 3.0
-    calls = [asyncio.ensure_future(post(url(doc), BODY)) for _ in range(12)]
-    await until(lambda: pid_runtime.started == 12)
+    doc, proc = await launch()
+    calls = await in_flight(pid_runtime, doc, 12, delay=3.0)
     assert len(set(pid_runtime.pids)) == 2  # calls in flight in both workers
     proc.signal(signal.SIGTERM)
     admin = port_of(doc, "admin")
@@ -245,13 +266,10 @@ async def test_sigterm_drains_every_worker_without_losing_a_call(
 
 
 async def test_a_second_sigterm_cuts_calls_off_and_exits_1(
-    pid_runtime: PidRuntime, short_tmp: Path, sidecar_process: Any
+    pid_runtime: PidRuntime, launch: Launch
 ) -> None:
-    doc = doc_for(pid_runtime.path)
-    proc = await start(sidecar_process, short_tmp, doc)
-    pid_runtime.delay = 60
-    calls = [asyncio.ensure_future(post(url(doc), BODY)) for _ in range(6)]
-    await until(lambda: pid_runtime.started == 6)
+    doc, proc = await launch()
+    calls = await in_flight(pid_runtime, doc, 6, delay=60)
     proc.signal(signal.SIGTERM)
     await asyncio.sleep(0.3)
     proc.signal(signal.SIGTERM)
@@ -262,12 +280,11 @@ async def test_a_second_sigterm_cuts_calls_off_and_exits_1(
 
 
 async def test_sighup_reloads_every_worker(
-    pid_runtime: PidRuntime, short_tmp: Path, sidecar_process: Any
+    pid_runtime: PidRuntime, launch: Launch
 ) -> None:
-    doc = doc_for(pid_runtime.path)
-    proc = await start(sidecar_process, short_tmp, doc)
+    doc, proc = await launch()
     doc["webhooks"]["agents"]["new-agent"] = {"sessionKey": "s"}
-    write_config(short_tmp, doc)
+    write_config(proc.config_path.parent, doc)
     proc.signal(signal.SIGHUP)
 
     def reloaded() -> set[int]:
@@ -291,10 +308,9 @@ async def test_sighup_reloads_every_worker(
 
 
 async def test_a_killed_worker_is_replaced_and_counters_do_not_go_back(
-    pid_runtime: PidRuntime, short_tmp: Path, sidecar_process: Any
+    pid_runtime: PidRuntime, launch: Launch
 ) -> None:
-    doc = doc_for(pid_runtime.path)
-    proc = await start(sidecar_process, short_tmp, doc)
+    doc, proc = await launch()
     before = started(proc)
     assert await spread(doc, 20) == [200] * 20
     assert (await scrape(doc)).value(*OK_AGENT[:1], **OK_AGENT[1]) == 20
@@ -317,12 +333,11 @@ async def test_a_killed_worker_is_replaced_and_counters_do_not_go_back(
 
 @pytest.mark.slow
 async def test_a_worker_that_cannot_start_again_makes_the_supervisor_exit_1(
-    pid_runtime: PidRuntime, short_tmp: Path, sidecar_process: Any
+    pid_runtime: PidRuntime, launch: Launch
 ) -> None:
-    doc = doc_for(pid_runtime.path)
-    proc = await start(sidecar_process, short_tmp, doc)
+    doc, proc = await launch()
     doc["sidecar"]["unknownKey"] = True  # from now on a new worker exits 2
-    write_config(short_tmp, doc)
+    write_config(proc.config_path.parent, doc)
     os.kill(started(proc)[1], signal.SIGKILL)
     assert await asyncio.to_thread(proc.wait, 30) == 1
     messages = [line.get("msg", "") for line in proc.json_lines()]
@@ -331,10 +346,9 @@ async def test_a_worker_that_cannot_start_again_makes_the_supervisor_exit_1(
 
 
 async def test_workers_die_with_a_killed_supervisor(
-    pid_runtime: PidRuntime, short_tmp: Path, sidecar_process: Any
+    pid_runtime: PidRuntime, launch: Launch
 ) -> None:
-    doc = doc_for(pid_runtime.path)
-    proc = await start(sidecar_process, short_tmp, doc)
+    _, proc = await launch()
     pids = started(proc)
     assert proc.proc is not None
     proc.proc.kill()
@@ -373,12 +387,11 @@ def redis_server() -> Any:
 
 
 async def test_a_redis_budget_is_exact_across_workers(
-    pid_runtime: PidRuntime, short_tmp: Path, sidecar_process: Any, redis_server: RedisServer
+    pid_runtime: PidRuntime, launch: Launch, redis_server: RedisServer
 ) -> None:
     budget = 5
     limits = {"backend": redis_server.url, "global": {"requests": budget, "per": "1h"}}
-    doc = doc_for(pid_runtime.path, rateLimit=limits)
-    proc = await start(sidecar_process, short_tmp, doc)
+    doc, proc = await launch(rateLimit=limits)
     statuses = await spread(doc, 16)
     assert statuses.count(200) == budget and statuses.count(429) == 16 - budget
     assert len(pid_runtime.pids) == budget
