@@ -57,6 +57,11 @@ def sidecar_config(
     }
     if variant == "sidecar":
         return base
+    if variant == "sidecar-workers2":
+        # The defaults with two worker processes on the port (SO_REUSEPORT). On the
+        # one server core they only compete; run with --server-cpu 0,1 to see them scale.
+        base["sidecar"]["workers"] = 2
+        return base
     if variant == "sidecar-guards":
         sc = base["sidecar"]
         sc["allowIps"] = ["127.0.0.0/8"]
@@ -92,6 +97,7 @@ SIDECAR_VARIANTS = {
     "sidecar-limits-redis": (
         "perIp/global/agent rate limits only, Redis backend (redis-server on the server core)"
     ),
+    "sidecar-workers2": "defaults with sidecar.workers: 2 (use --server-cpu 0,1 to scale)",
 }
 
 
