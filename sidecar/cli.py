@@ -42,9 +42,7 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .workers import run_worker
 
-    return run_worker(
-        Path(args.config), args.index, args.port, args.admin_socket, args.supervisor
-    )
+    return run_worker(Path(args.config), args.index, args.port, args.admin_socket, args.supervisor)
 
 
 def cmd_check_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

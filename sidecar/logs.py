@@ -94,8 +94,10 @@ class LineWriter:
             self.dropped += 1
 
     def _write(self, batch: list[str]) -> None:
-        chunks = ["\n".join(batch) + "\n"] if self.max_write is None else whole_lines(
-            batch, self.max_write
+        chunks = (
+            ["\n".join(batch) + "\n"]
+            if self.max_write is None
+            else whole_lines(batch, self.max_write)
         )
         with self._lock:
             try:

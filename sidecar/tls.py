@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography import x509
-
 from .secrets import SecretSourceError, read_small_file
 
 if TYPE_CHECKING:
@@ -63,6 +61,10 @@ def _reason(exc: Exception) -> str:
 
 def certificate_not_after(path: Path) -> float:
     """When the first (leaf) certificate in a PEM file expires, as Unix time."""
+    # Imported here: cryptography's X.509 bindings add ~8 MB of RSS to every process,
+    # and only a sidecar that terminates TLS needs them.
+    from cryptography import x509
+
     try:
         data = read_small_file(str(path), MAX_PEM_BYTES)
         return x509.load_pem_x509_certificates(data)[0].not_valid_after_utc.timestamp()

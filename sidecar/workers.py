@@ -294,9 +294,7 @@ class Supervisor:
                 assert worker.proc is not None
                 if worker.proc.returncode is not None:
                     code = worker.proc.returncode
-                    log.error(
-                        "worker %d exited %d while starting: stopping", worker.index, code
-                    )
+                    log.error("worker %d exited %d while starting: stopping", worker.index, code)
                     return EXIT_CONFIG if code == EXIT_CONFIG else EXIT_FAILURE
                 if (await self._ask(worker, "/healthz"))[0] == 200:
                     pending.remove(worker)
@@ -399,10 +397,13 @@ class Supervisor:
         if not worker.running:
             return 0, "not running"
         try:
-            async with aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=worker.socket),
-                timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT),
-            ) as session, session.get(f"http://worker{path}") as resp:
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.UnixConnector(path=worker.socket),
+                    timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT),
+                ) as session,
+                session.get(f"http://worker{path}") as resp,
+            ):
                 return resp.status, await resp.text()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return 0, f"not answering ({type(exc).__name__})"
@@ -500,7 +501,7 @@ class _WorkerField(logging.Filter):
 def run_worker(path: Path, index: int, port: int, admin_socket: str, supervisor: int) -> int:
     """One worker: the single-process server on the shared port (``SO_REUSEPORT``),
     its admin app on ``admin_socket`` (an abstract Unix socket name, without the NUL)."""
-    from .server import install_uvloop, serve
+    from .server import install_uvloop, serve, tune_allocator
 
     if not _die_with(supervisor):
         return EXIT_FAILURE
@@ -519,6 +520,7 @@ def run_worker(path: Path, index: int, port: int, admin_socket: str, supervisor:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_WorkerField(index))
     install_uvloop()
+    tune_allocator()
     try:
         return asyncio.run(serve(settings, audit, admin_socket="\0" + admin_socket))
     finally:
