@@ -287,3 +287,58 @@ http {{
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+# --------------------------------------------------------------------------
+# The soak (bench/soak.py, bench/wrk/soak.lua): every guard on, with limits that
+# some senders trip, so that the lockout and limiter tables fill up to their caps.
+
+THROTTLED_AGENT = "throttled-agent"  # its own tight rate limit: most of its calls are 429
+# allowIps leaves out 224.0.0.0/3: an eighth of the random IPv4 senders get 403.
+SOAK_ALLOW_IPS = ["0.0.0.0/1", "128.0.0.0/2", "192.0.0.0/3", "::/0"]
+SOAK_DENIED_V4 = "224.0.0.0/3"
+
+
+def soak_config(
+    *, secret: str, listen: str, admin_listen: str, upstream_socket: str
+) -> dict[str, Any]:
+    """The soak's sidecar: every guard on, behind a trusted proxy (127.0.0.1, wrk)
+    whose X-Forwarded-For names a different client on nearly every call."""
+    return {
+        "webhooks": {
+            "enabled": True,
+            "secret": secret,
+            "agents": {
+                AGENT: {
+                    "sessionKey": "webhook-session",
+                    "rateLimit": dict(GENEROUS),
+                    "maxConcurrent": 1024,
+                },
+                THROTTLED_AGENT: {
+                    "sessionKey": "throttled-session",
+                    "rateLimit": {"requests": 20, "per": "1s", "burst": 20},
+                    "maxConcurrent": 4,
+                },
+            },
+        },
+        "sidecar": {
+            "listen": listen,
+            "admin": {"listen": admin_listen},
+            "upstream": {"socket": upstream_socket},
+            "allowIps": SOAK_ALLOW_IPS,
+            "trustedProxies": ["127.0.0.1/32"],
+            "rateLimit": {
+                # A bucket a single call leaves behind lives 60 s (one call a
+                # minute refills it): at a few thousand new addresses a second
+                # the limiter's 100k-entry cap binds. The few hot senders that
+                # call many times get 429 after their burst of 10.
+                "perIp": {"requests": 60, "per": "1h", "burst": 10},
+                "global": dict(GENEROUS),
+            },
+            # The default policy (10 failures in 1 min) with locks of 2 min
+            # instead of 5, so the lock table reaches its steady size by
+            # minute 3 and the soak's second half shows growth, not filling.
+            "authLockout": {"maxFailures": 10, "window": "1m", "duration": "2m"},
+            "limits": {"maxBodyBytes": 65536, "maxMessageChars": 32768},
+        },
+    }

@@ -277,12 +277,15 @@ def http_call(
     path: str,
     headers: dict[str, str] | None = None,
     body: str | None = None,
+    max_bytes: int | None = 2000,
 ) -> tuple[int, str]:
+    """One call on a new connection: (status, the first ``max_bytes`` of the body;
+    None: all of it)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         r = conn.getresponse()
-        return r.status, r.read(2000).decode("utf-8", "replace")
+        return r.status, r.read(max_bytes).decode("utf-8", "replace")
     finally:
         conn.close()
 
