@@ -289,12 +289,10 @@ def report(
     rej = samples[-1].get("metrics", {}).get("rejections", {}) if samples else {}
     w("   refusals (/metrics): " + ", ".join(f"{k} {v:,}" for k, v in sorted(rej.items())))
     w("")
-    w("== a row a minute. MiB: rss, hwm, malloc'd in use/free but kept (probe); tables:")
-    w("   lockout records/locks/limiter buckets; queue: audit lines waiting; objects: gc-tracked,")
-    w(
-        "   blocks: CPython's small-object allocator, in thousands (both flat: no Python objects pile up);"
-    )
-    w("   req/s and other% (the server core's time taken by other programs) over the minute")
+    w("== a row a minute. MiB: rss, hwm, heap: glibc malloc's main arena in use/free but kept")
+    w("   (big tables live there, small objects in CPython's own arenas: blocks, in thousands);")
+    w("   tables: lockout records/locks/limiter buckets; queue: audit lines waiting; objects:")
+    w("   gc-tracked; req/s and other% (server core time taken by other programs) in the minute")
     out += run.table(
         [
             "at",
