@@ -68,6 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--noise-mb", type=float, default=1.0, help="growth within noise (MB)")
     ap.add_argument("--peak-mb", type=float, default=60.0, help="peak RSS goal (MB)")
     ap.add_argument("--tracemalloc", action="store_true", help="trace allocations in the sidecar")
+    ap.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the sidecar, e.g. MALLOC_MMAP_THRESHOLD_=131072 (repeatable)",
+    )
     ap.add_argument("--json", metavar="FILE", help="write the samples and the summary as JSON")
     ap.add_argument("--server-cpu", type=int, default=0)
     ap.add_argument("--client-cpu", type=int, default=1)
@@ -153,6 +160,19 @@ def rss_at(samples: list[dict[str, Any]], t: float) -> int | None:
     return int(min(samples, key=lambda s: abs(s["t"] - t))["rss_kb"])
 
 
+PROBED = ("heap_used_mb", "heap_free_mb", "objects", "blocks", "lockout_records", "limiter_buckets")
+
+
+def probe_change(half: list[dict[str, Any]]) -> dict[str, float]:
+    """How the probe's figures moved over the second half: where RSS growth went
+    (heap in use: data; heap free but kept: the allocator; objects: a leak)."""
+    probed = [s["tables"] for s in half if s.get("tables")]
+    if len(probed) < 2:
+        return {}
+    first, last = probed[0], probed[-1]
+    return {k: round(last[k] - first[k], 2) for k in PROBED if k in first and k in last}
+
+
 def analyse(samples: list[dict[str, Any]], noise_mb: float, peak_mb: float) -> dict[str, Any]:
     """RSS at minute 1, max, end; the growth over the second half; the verdict."""
     mb = [s["rss_kb"] / 1024 for s in samples]
@@ -169,6 +189,7 @@ def analyse(samples: list[dict[str, Any]], noise_mb: float, peak_mb: float) -> d
     at_1min = rss_at(samples, 60)
     out: dict[str, Any] = {
         "duration_s": span,
+        "second_half_probe": probe_change(half),
         "rss_start_mb": round(mb[0], 1) if mb else None,
         "rss_1min_mb": None if at_1min is None else round(at_1min / 1024, 1),
         "rss_max_mb": round(max(mb), 1) if mb else None,
@@ -318,6 +339,11 @@ def report(
         f"   second half: {run.fmt(slope, '+.3f')} MiB/min (least squares), "
         f"{run.fmt(m['last_half_growth_mb'], '+.2f')} MiB over {m['duration_s'] / 2:.0f} s"
     )
+    if m["second_half_probe"]:
+        w(
+            "   over the second half, probe: "
+            + ", ".join(f"{k} {v:+,}" for k, v in m["second_half_probe"].items())
+        )
     w(f"   verdict: {m['verdict']}")
     w("")
     if flags:
@@ -343,8 +369,9 @@ def start(
     probe_path = h.tmp / "probe.jsonl"
     if cmd[1:] == ["-m", "sidecar"]:
         cmd = [cmd[0], str(BENCH / "soak_probe.py"), str(probe_path), str(args.probe_every), "--"]
+    env = {**env, **dict(kv.split("=", 1) for kv in args.env)}
     if args.tracemalloc:
-        env = {**env, "PYTHONTRACEMALLOC": "1"}
+        env["PYTHONTRACEMALLOC"] = "1"
     make = functools.partial(configs.soak_config, secret=secret)
     target = run.start_sidecar(h, args, ports, "sidecar-soak", cmd, env, make)
     return runtime, target, probe_path, how

@@ -175,6 +175,15 @@ def test_soak_verdict_peak_over_the_goal_is_not_bounded() -> None:
     assert m["bounded"] is False and "peak 72.0 MB > 60 MB" in m["verdict"]
 
 
+def test_soak_second_half_says_where_the_growth_went() -> None:
+    samples = series([50.0 + 0.5 * i for i in range(25)])
+    for i, s in enumerate(samples):
+        s["tables"] = {"heap_used_mb": 30.0, "heap_free_mb": 1.0 + 0.5 * i, "objects": 5000}
+    m = soak.analyse(samples, noise_mb=1.0, peak_mb=200)
+    assert m["bounded"] is False
+    assert m["second_half_probe"] == {"heap_used_mb": 0.0, "heap_free_mb": 6.0, "objects": 0}
+
+
 def test_soak_verdict_needs_two_minutes() -> None:
     m = soak.analyse(series([50.0, 60.0, 70.0, 80.0]), noise_mb=1.0, peak_mb=60)
     assert m["bounded"] is None and m["verdict"].startswith("too short")
@@ -217,5 +226,6 @@ def test_soak_smoke(tmp_path: Path) -> None:
     tables = doc["samples"][-1]["tables"]
     assert tables["lockout_records"] > 0 and tables["lockout_locks"] > 0
     assert tables["limiter_buckets"] > 0
+    assert tables["objects"] > 1000 and tables["log_queue"] >= 0
     assert len(doc["samples"]) >= 3
     assert summ["memory"]["peak_hwm_mb"] > 20
