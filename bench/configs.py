@@ -114,6 +114,9 @@ SIDECAR_VARIANTS = {
         "perIp/global/agent rate limits only, Redis backend (redis-server on the server core)",
         needs_redis=True,
     ),
+    "sidecar-workers2": _standard(
+        "defaults with sidecar.workers: 2 (use --server-cpu 0,1 to scale)"
+    ),
     "sidecar-deny": _refusal(
         "allowIps excludes 127.0.0.1: every call 403 ip_not_allowed",
         Expect(403, "ip_not_allowed"),
@@ -161,6 +164,11 @@ def sidecar_config(
     }
     sc = base["sidecar"]
     if variant == "sidecar":
+        return base
+    if variant == "sidecar-workers2":
+        # The defaults with two worker processes on the port (SO_REUSEPORT). On the
+        # one server core they only compete; run with --server-cpu 0,1 to see them scale.
+        sc["workers"] = 2
         return base
     if variant == "sidecar-guards":
         sc["allowIps"] = ["127.0.0.0/8"]

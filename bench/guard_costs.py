@@ -79,6 +79,8 @@ def instrument() -> None:
     app.pipeline = pipeline
     for name in ("ok_response", "error_response"):
         setattr(app, name, timed("response " + name, getattr(responses, name)))
+    reply = responses.JsonReply
+    reply.prepare = timed("response write (head, send syscall)", reply.prepare)  # type: ignore[method-assign]
     fwd = forward.Forwarder
     fwd.build = timed("forward build (request bytes)", fwd.build)  # type: ignore[method-assign]
     fwd.reply = timed("forward reply (parse runId)", fwd.reply)  # type: ignore[method-assign]

@@ -114,6 +114,18 @@ def group_pids(pgid: int) -> list[int]:
     return out
 
 
+def family_pids(pgid: int) -> list[int]:
+    """The process group and every descendant of it: sidecar workers (sidecar.workers)
+    run in a session of their own, so that a signal to the group reaches them once."""
+    stats = {int(d): proc_stat(int(d)) for d in os.listdir("/proc") if d.isdigit()}
+    found = {pid for pid, st in stats.items() if st and int(st[2]) == pgid}
+    while True:
+        more = {pid for pid, st in stats.items() if st and int(st[1]) in found} - found
+        if not more:
+            return sorted(found)
+        found |= more
+
+
 def cpu_ticks(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -164,7 +176,7 @@ class Harness:
         name: str,
         argv: list[str],
         *,
-        cpu: int | None,
+        cpu: int | str | None,
         env: dict[str, str] | None = None,
         log_name: str | None = None,
         stdout_pipe: bool = False,
@@ -305,7 +317,7 @@ class Target:
     admin_port: int = 0
 
     def pids(self) -> list[int]:
-        return group_pids(self.proc.pid)
+        return family_pids(self.proc.pid)
 
 
 def resolve_sidecar(
@@ -390,7 +402,7 @@ def start_nginx(h: Harness, args: argparse.Namespace, ports: set[int], secret: s
             port=port,
             upstream_socket=str(h.tmp / "rt.sock"),
             secret=secret,
-            cpu=args.server_cpu,
+            cpu=args.server_cores[0],
             run_as_root=configs.is_root(),
         )
     )
@@ -657,13 +669,15 @@ class Bench:
             rt_us = (rt1 - rt0) / CLK_TCK * 1e6 / answered
             data["cpu_us_per_req"] = round(srv_us, 2)
             data["runtime_cpu_us_per_req"] = round(rt_us, 2)
-        for label, cpu in (("server", self.args.server_cpu), ("client", self.args.client_cpu)):
-            if cpu in cores0 and cpu in cores1:
-                busy = cores1[cpu][0] - cores0[cpu][0]
-                total = cores1[cpu][1] - cores0[cpu][1]
+        server, client = self.args.server_cores, [self.args.client_cpu]
+        for label, cpus in (("server", server), ("client", client)):
+            if all(cpu in cores0 and cpu in cores1 for cpu in cpus):
+                busy, total, steal = (
+                    sum(cores1[cpu][i] - cores0[cpu][i] for cpu in cpus) for i in range(3)
+                )
                 data[f"{label}_core_busy_pct"] = round(100 * busy / total, 1) if total else None
                 data[f"{label}_core_steal_pct"] = (
-                    round(100 * (cores1[cpu][2] - cores0[cpu][2]) / total, 1) if total else None
+                    round(100 * steal / total, 1) if total else None
                 )
                 other = busy / CLK_TCK - ours[label]
                 data[f"{label}_core_other_pct"] = (
@@ -671,9 +685,8 @@ class Bench:
                 )
         data["rss_after_kb"] = sum(status_kb(p, "VmRSS") for p in srv_pids)
         data["wall_s"] = round(wall, 2)
-        stotal = (
-            cores1.get(self.args.server_cpu, (0, 0, 0))[1]
-            - cores0.get(self.args.server_cpu, (0, 0, 0))[1]
+        stotal = sum(
+            cores1.get(cpu, (0, 0, 0))[1] - cores0.get(cpu, (0, 0, 0))[1] for cpu in server
         )
         if stotal:
             data["server_core_ours_pct"] = round(100 * ours["server"] * CLK_TCK / stotal, 1)
@@ -1184,7 +1197,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--warmup", type=float, default=2, help="seconds of unrecorded load per target first"
     )
-    ap.add_argument("--server-cpu", type=int, default=0)
+    ap.add_argument(
+        "--server-cpu",
+        default="0",
+        help="core for the servers (default 0), or a taskset list such as 0,1 to measure "
+        "sidecar-workers2 on both cores (the client core is then shared with wrk)",
+    )
     ap.add_argument("--client-cpu", type=int, default=1)
     ap.add_argument(
         "--sidecar-src", help="checkout whose ./sidecar package to run (default: this repo)"
@@ -1206,6 +1224,10 @@ def parse_args() -> argparse.Namespace:
     if args.latency_duration is None:
         args.latency_duration = args.duration
     args.only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    try:
+        args.server_cores = [int(c) for c in args.server_cpu.split(",")]
+    except ValueError:
+        ap.error(f"--server-cpu: not a core or a comma list of cores: {args.server_cpu!r}")
     args.skip = [x.strip() for x in args.skip.split(",") if x.strip()]
     return args
 
@@ -1221,7 +1243,7 @@ def _on_signal(signum: int, frame: Any) -> None:
 def main() -> int:
     args = parse_args()
     ncpu = os.cpu_count() or 1
-    if args.server_cpu == args.client_cpu or max(args.server_cpu, args.client_cpu) >= ncpu:
+    if args.client_cpu in args.server_cores or max(*args.server_cores, args.client_cpu) >= ncpu:
         log(f"warning: server cpu {args.server_cpu}, client cpu {args.client_cpu}, {ncpu} cpus")
     for tool in (args.wrk, "taskset"):
         if not shutil.which(tool):

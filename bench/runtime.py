@@ -26,6 +26,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import httptools
 
@@ -43,6 +44,7 @@ STATS_PATH = b"/__bench/stats"
 
 
 class Stats:
+    work = 0.0  # seconds of CPU to burn per POST (--work-us)
     posts = 0
     marked = 0
     marker = b""
@@ -100,6 +102,8 @@ class RuntimeProtocol(asyncio.Protocol):
         method = self.parser.get_method()
         if method == b"POST":
             Stats.posts += 1
+            if Stats.work:
+                _burn(Stats.work)
             resp_keep, resp_close = RESP_KEEP, RESP_CLOSE
         elif self.url == STATS_PATH:
             body = json.dumps({"posts": Stats.posts, "marked": Stats.marked}).encode()
@@ -131,6 +135,13 @@ class RuntimeProtocol(asyncio.Protocol):
         print(json.dumps(rec), file=sys.stderr, flush=True)
         self.headers = None
         self.body = None
+
+
+def _burn(seconds: float) -> None:
+    """Keep the CPU busy, as a runtime doing real work on each call would."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 async def serve(socket_path: str | None, host: str, port: int | None) -> None:
@@ -176,11 +187,20 @@ def main() -> None:
         metavar="TEXT",
         help="count the requests whose body contains TEXT (see /__bench/stats)",
     )
+    ap.add_argument(
+        "--work-us",
+        type=float,
+        default=0,
+        metavar="US",
+        help="burn US microseconds of CPU per POST: a slower runtime, e.g. one like the "
+        "issue's reference setup (~14,400 req/s reached directly: --work-us 55)",
+    )
     args = ap.parse_args()
     if not args.socket and args.port is None:
         ap.error("give --socket and/or --port")
     Stats.dump_limit = args.dump
     Stats.marker = args.count_marker.encode()
+    Stats.work = args.work_us / 1e6
     try:
         import uvloop
     except ImportError:

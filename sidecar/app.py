@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from aiohttp import web
 
@@ -166,12 +167,9 @@ RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def make_handler(state: State) -> RequestHandler:
-    """The one request handler of the public listener, bound to ``state``."""
-
-    async def handler(request: web.BaseRequest) -> web.StreamResponse:
-        return await handle(state, request)
-
-    return handler
+    """The one request handler of the public listener, bound to ``state`` (a partial,
+    not a wrapping coroutine: one frame less per request)."""
+    return partial(handle, state)
 
 
 async def handle(state: State, request: web.BaseRequest) -> web.StreamResponse:

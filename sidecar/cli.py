@@ -39,6 +39,14 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return run(_config_path(args, parser))
 
 
+def cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .workers import run_worker
+
+    return run_worker(
+        Path(args.config), args.index, args.port, args.admin_socket, args.supervisor
+    )
+
+
 def cmd_check_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     path = _config_path(args, parser)
     try:
@@ -115,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="public port (default 8080)")
     p = add("dev-runtime", "run the reference runtime alone on a Unix socket", cmd_dev_runtime)
     p.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    # Internal, not listed: one worker process of `run` with sidecar.workers > 1.
+    p = sub.add_parser("_worker")
+    p.set_defaults(func=cmd_worker)
+    p.add_argument("-c", "--config", required=True)
+    for option in ("--index", "--port", "--supervisor"):
+        p.add_argument(option, type=int, required=True)
+    p.add_argument("--admin-socket", required=True)
     return parser
 
 

@@ -174,6 +174,7 @@ class Sidecar:
     min_secret_length: int = DEFAULT_MIN_SECRET_LENGTH
     shutdown_timeout: float = 15.0
     log: Log = field(default_factory=Log)
+    workers: int = 1  # processes serving the public port (not in SPEC: README "Multiple workers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -531,6 +532,7 @@ class _Builder:
             p, doc, "minSecretLength", _int_between(1, 4096), DEFAULT_MIN_SECRET_LENGTH
         )
         shutdown = self.field(p, doc, "shutdownTimeout", parse_duration, 15.0)
+        workers = self.field(p, doc, "workers", _workers, 1)
         log_doc = self.obj("sidecar.log", doc.get("log", {}), ["level", "format"]) or {}
         log = Log(
             self.field(
@@ -564,6 +566,7 @@ class _Builder:
             min_len,
             shutdown,
             log,
+            workers,
         )
 
     def tls(self, value: object) -> Tls | None:
@@ -683,6 +686,7 @@ _SIDECAR_KEYS = [
     "minSecretLength",
     "shutdownTimeout",
     "log",
+    "workers",
 ]
 _AGENT_KEYS = [
     "sessionKey",
@@ -717,6 +721,19 @@ def _int_between(low: int, high: int) -> Callable[[object], int]:
         return value
 
     return convert
+
+
+MAX_WORKERS = 64
+
+
+def _workers(value: object) -> int:
+    """A number of worker processes, or "auto": one per CPU this process may run on
+    (its affinity mask, so ``taskset`` and cpusets count; a CFS quota does not)."""
+    if value == "auto":
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    if isinstance(value, str):
+        raise ValueError(f"must be a whole number between 1 and {MAX_WORKERS}, or 'auto'")
+    return _int_between(1, MAX_WORKERS)(value)
 
 
 def _choice(*choices: str) -> Callable[[object], str]:
@@ -919,6 +936,33 @@ def security_warnings(settings: Settings, *, now: float | None = None) -> list[s
         out.append(f"sidecar.minSecretLength: {s.min_secret_length} is below the recommended 32")
     if not settings.webhooks.enabled:
         out.append("webhooks.enabled: false, every hook answers 503")
+    out += _worker_warnings(settings)
+    return out
+
+
+def _worker_warnings(settings: Settings) -> list[str]:
+    """With several workers, what is kept in each process's memory is per worker."""
+    s = settings.sidecar
+    n = s.workers
+    if n == 1:
+        return []
+    out = [
+        f"sidecar.authLockout: counted in each worker's memory; with {n} workers an address "
+        f"may fail up to {n}x maxFailures times before it is locked out everywhere"
+    ]
+    agents = settings.webhooks.agents.values()
+    limited = s.rate_limit.per_ip or s.rate_limit.global_ or any(a.rate_limit for a in agents)
+    if s.rate_limit.backend == "memory" and limited:
+        out.append(
+            f"sidecar.rateLimit.backend: 'memory' keeps one set of buckets per worker; with {n} "
+            f"workers the effective limits are up to {n}x the configured ones "
+            "(use a redis:// backend for exact shared limits)"
+        )
+    if any(a.max_concurrent for a in agents):
+        out.append(
+            f"webhooks.agents.*.maxConcurrent: counted per worker; with {n} workers up to "
+            f"{n}x the configured calls may be in flight"
+        )
     return out
 
 

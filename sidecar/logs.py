@@ -16,6 +16,7 @@ import atexit
 import json
 import logging
 import queue
+import select
 import sys
 import threading
 import time
@@ -36,6 +37,11 @@ MAX_QUEUED_LINES = 100_000
 # (futex, GIL hand-over, write), batched ~1 µs. Lines reach stderr ≤10 ms later.
 LINGER_SECONDS = 0.01
 _BATCH = 512
+# With several worker processes on one stderr pipe, a write(2) of at most PIPE_BUF
+# bytes is the largest that POSIX guarantees lands whole, never interleaved with
+# another process's write (pipe(7)). Each write is then a whole number of lines
+# within it, and a longer line is shortened (:func:`fit`).
+PIPE_BUF = select.PIPE_BUF
 _STD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 _quote = json.encoder.encode_basestring_ascii  # the C encoder; its output is pure ASCII
 
@@ -66,8 +72,10 @@ class LineWriter:
         stream: IO[str] | None = None,
         max_queued: int = MAX_QUEUED_LINES,
         linger: float = LINGER_SECONDS,
+        max_write: int | None = None,
     ) -> None:
         self.stream = stream if stream is not None else sys.stderr
+        self.max_write = max_write  # bytes per write, whole lines only (several writers)
         self.max_queued = max_queued
         self.dropped = 0  # approximate under threads; exact from the event loop
         self.linger = linger
@@ -86,10 +94,14 @@ class LineWriter:
             self.dropped += 1
 
     def _write(self, batch: list[str]) -> None:
+        chunks = ["\n".join(batch) + "\n"] if self.max_write is None else whole_lines(
+            batch, self.max_write
+        )
         with self._lock:
             try:
-                self.stream.write("\n".join(batch) + "\n")
-                self.stream.flush()
+                for chunk in chunks:  # flushed one by one: one write(2) each
+                    self.stream.write(chunk)
+                    self.stream.flush()
             except (OSError, ValueError):
                 pass  # stderr is gone; nothing left to tell
 
@@ -139,6 +151,64 @@ class LineWriter:
                 rest.append(line)
         if rest:
             self._write(rest)
+
+
+def whole_lines(lines: list[str], limit: int) -> list[str]:
+    """``lines`` joined into chunks of whole lines, each at most ``limit`` bytes as
+    UTF-8 (a longer line is shortened by :func:`fit` first)."""
+    chunks: list[str] = []
+    parts: list[str] = []
+    size = 0
+    for line in lines:
+        n = len(line) + 1 if line.isascii() else len(line.encode()) + 1
+        if n > limit:
+            line = fit(line, limit)
+            n = len(line.encode()) + 1
+        if size + n > limit:
+            chunks.append("".join(parts))
+            parts, size = [], 0
+        parts.append(line + "\n")
+        size += n
+    if parts:
+        chunks.append("".join(parts))
+    return chunks
+
+
+def fit(line: str, limit: int) -> str:
+    """``line`` shortened to less than ``limit`` bytes. A JSON object stays valid JSON:
+    its long strings are cut to a common length (a traceback keeps its end, where the
+    error is) and ``"truncated"`` gives the original size. Anything else is cut at the end."""
+    size = len(line.encode())
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        doc["truncated"] = size
+        for _ in range(4):  # escapes make the first cut approximate
+            over = len(json.dumps(doc)) - (limit - 1)  # ASCII: characters are bytes
+            if over <= 0:
+                return json.dumps(doc)
+            sizes = {k: len(json.dumps(v)) for k, v in doc.items() if isinstance(v, str)}
+            cap = _common_cap(sorted(sizes.values()), sum(sizes.values()) - over - 64)
+            for key, encoded in sizes.items():
+                if encoded > cap:
+                    value = doc[key]
+                    keep = len(value) * max(0, cap - 5) // encoded
+                    cut = value[len(value) - keep :] if key == "exception" else value[:keep]
+                    doc[key] = "..." + cut if key == "exception" else cut + "..."
+    marker = f" ...[truncated {size} bytes]"
+    return line.encode()[: limit - 1 - len(marker)].decode(errors="ignore") + marker
+
+
+def _common_cap(sizes: list[int], budget: int) -> int:
+    """The largest cap with ``sum(min(size, cap)) <= budget`` (``sizes`` ascending)."""
+    for i, n in enumerate(sizes):
+        rest = len(sizes) - i
+        if n * rest > budget:
+            return max(0, budget // rest)
+        budget -= n
+    return sizes[-1] if sizes else 0
 
 
 class _Handler(logging.Handler):
@@ -201,12 +271,12 @@ class AuditLog:
         self._second_text = ""
 
     def _time(self) -> str:
-        now = time.time()
-        second = int(now)
+        ms = time.time_ns() // 1_000_000
+        second, ms = divmod(ms, 1000)
         if second != self._second:
             self._second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
             self._second = second
-        return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
+        return f"{self._second_text}.{ms:03d}Z"
 
     def record(
         self,
@@ -220,14 +290,17 @@ class AuditLog:
         secret_id: str | None,
         duration: float,
     ) -> None:
+        """``endpoint``, ``outcome`` and ``error`` are names from this package (SPEC §3's
+        codes): written as they are. Everything else goes through the JSON encoder."""
         ms = f"{duration * 1000:.3f}"
         if self.json:
             q = _quote
+            err = "null" if error is None else f'"{error}"'
             self.writer.write(
                 f'{{"time":"{self._time()}","requestId":{q(request_id)},'
-                f'"clientIp":{q(client_ip)},"endpoint":{q(endpoint)},'
-                f'"agent":{"null" if agent is None else q(agent)},"outcome":{q(outcome)},'
-                f'"status":{int(status)},"error":{"null" if error is None else q(error)},'
+                f'"clientIp":{q(client_ip)},"endpoint":"{endpoint}",'
+                f'"agent":{"null" if agent is None else q(agent)},"outcome":"{outcome}",'
+                f'"status":{status},"error":{err},'
                 f'"secretId":{"null" if secret_id is None else q(secret_id)},"durationMs":{ms}}}'
             )
         else:
@@ -239,14 +312,19 @@ class AuditLog:
 
 
 def setup(
-    level: str = "info", fmt: str = "json", stream: IO[str] | None = None
+    level: str = "info",
+    fmt: str = "json",
+    stream: IO[str] | None = None,
+    *,
+    shared: bool = False,
 ) -> tuple[LineWriter, AuditLog]:
     """Route all logging through one writer thread; returns it and the audit log on it.
 
-    The writer is also closed at interpreter exit, so queued lines are never lost
-    on a path that forgets to close it.
+    ``shared``: other processes write to the same stream (``sidecar.workers``), so
+    every write is whole lines within ``PIPE_BUF`` bytes. The writer is also closed
+    at interpreter exit, so queued lines are never lost on a path that forgets to close it.
     """
-    writer = LineWriter(stream)
+    writer = LineWriter(stream, max_write=PIPE_BUF if shared else None)
     atexit.register(writer.close)
     root = logging.getLogger()
     for handler in list(root.handlers):

@@ -124,6 +124,7 @@ class Reloader:
         for key, was, now in (
             ("sidecar.listen", old.listen, new.listen),
             ("sidecar.admin.listen", old.admin_listen, new.admin_listen),
+            ("sidecar.workers", old.workers, new.workers),
         ):
             if was != now:
                 log.warning("%s changed from %s to %s: it takes effect on restart", key, was, now)

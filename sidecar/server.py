@@ -84,7 +84,10 @@ class Server:
             create_admin_app(self.state), access_log=None, shutdown_timeout=1
         )
 
-    async def start(self) -> None:
+    async def start(self, *, reuse_port: bool = False, admin_socket: str | None = None) -> None:
+        """Listen. A worker of :mod:`sidecar.workers` shares the public port with the
+        other workers (``reuse_port``) and serves its admin app to the supervisor
+        only, on a private Unix socket (``admin_socket``)."""
         settings = self.state.settings
         s = settings.sidecar
         if self.tls is not None:
@@ -97,14 +100,19 @@ class Server:
         cap_connections(public, lambda: self.state.settings.sidecar.limits.max_connections)
         await self._admin.setup()
         ctx = self.tls.context if self.tls is not None else None
-        await web.TCPSite(self._public, s.listen.host, s.listen.port, ssl_context=ctx).start()
-        await web.TCPSite(self._admin, s.admin_listen.host, s.admin_listen.port).start()
+        await web.TCPSite(
+            self._public, s.listen.host, s.listen.port, ssl_context=ctx, reuse_port=reuse_port
+        ).start()
+        if admin_socket is not None:
+            await web.UnixSite(self._admin, admin_socket).start()
+        else:
+            await web.TCPSite(self._admin, s.admin_listen.host, s.admin_listen.port).start()
         scheme = "https" if ctx else "http"
         log.info(
             "listening",
             extra={
                 "public": f"{scheme}://{s.listen}",
-                "admin": f"http://{s.admin_listen}",
+                "admin": "(the supervisor's)" if admin_socket else f"http://{s.admin_listen}",
                 "upstream": s.upstream.socket or s.upstream.url,
                 "protocol": s.upstream.protocol,
             },
@@ -183,7 +191,11 @@ class Server:
         return code
 
 
-async def serve(settings: config.Settings, audit: logs.AuditLog) -> int:
+async def serve(
+    settings: config.Settings, audit: logs.AuditLog, *, admin_socket: str | None = None
+) -> int:
+    """Serve until SIGTERM; returns the exit code. With ``admin_socket``, this is one
+    worker of several (:mod:`sidecar.workers`)."""
     metrics = Metrics(process=True)
     try:
         server = Server(settings, audit, metrics)
@@ -191,7 +203,7 @@ async def serve(settings: config.Settings, audit: logs.AuditLog) -> int:
         log.error("config error: sidecar.tls: %s", exc)
         return 2
     try:
-        await server.start()
+        await server.start(reuse_port=admin_socket is not None, admin_socket=admin_socket)
     except OSError as exc:
         log.error("cannot listen: %s", exc.strerror or exc)
         with contextlib.suppress(Exception):
@@ -208,6 +220,10 @@ def run(path: Path) -> int:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr, flush=True)
         return 2
+    if settings.sidecar.workers > 1:
+        from .workers import supervise
+
+        return supervise(settings)
     writer, audit = logs.setup(settings.sidecar.log.level, settings.sidecar.log.format)
     install_uvloop()
     try:

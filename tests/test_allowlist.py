@@ -93,3 +93,32 @@ def test_no_allowlist_means_no_guard(short_tmp: Any) -> None:
 
     settings = config.load(write_config(short_tmp, base_doc("/x.sock")))
     assert ip_allowlist(settings) is None
+
+
+def test_verdicts_stay_right_past_the_cache_bound(short_tmp: Any) -> None:
+    """The guard remembers verdicts per address and forgets them all when it holds
+    4096: a flood of addresses bounds its memory, and no verdict leaks across."""
+    import ipaddress
+
+    from sidecar.guards.allowlist import ip_allowlist
+    from sidecar.pipeline import Call, Reject
+
+    settings = config.load(write_config(short_tmp, base_doc("/x.sock", allowIps=["10.0.0.0/8"])))
+    guard = ip_allowlist(settings)
+    assert guard is not None
+
+    def verdict(text: str) -> bool:
+        call = Call.__new__(Call)
+        call.client_addr, call.client_ip = ipaddress.ip_address(text), text
+        try:
+            guard(call)
+        except Reject as reject:
+            assert reject.code == "ip_not_allowed"
+            return False
+        return True
+
+    for i in range(3 * 4096):  # in and out of the list, past the bound several times
+        assert verdict(f"10.{i >> 8 & 255}.{i & 255}.1") is True
+        assert verdict(f"11.{i >> 8 & 255}.{i & 255}.1") is False
+    assert verdict("10.0.0.1") is True
+    assert verdict("192.0.2.1") is False

@@ -232,3 +232,37 @@ def test_a_lone_surrogate_in_a_key_is_printed_escaped_not_a_traceback(short_tmp:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "error: webhooks.agents.\\ud800: agent names must match" in result.stdout
+
+
+LOCKOUT_PER_WORKER = (
+    "sidecar.authLockout: counted in each worker's memory; with 3 workers an address "
+    "may fail up to 3x maxFailures times before it is locked out everywhere"
+)
+
+
+def test_several_workers_warn_about_what_each_keeps_in_memory(
+    run: Any, short_tmp: Path
+) -> None:
+    doc = tight_doc(short_tmp, workers=3, rateLimit={"perIp": {"requests": 5, "per": "1m"}})
+    doc["webhooks"]["agents"]["my-agent"]["maxConcurrent"] = 2
+    code, lines = run(doc)
+    assert code == 0
+    assert warnings(lines) == [
+        LOCKOUT_PER_WORKER,
+        "sidecar.rateLimit.backend: 'memory' keeps one set of buckets per worker; with 3 "
+        "workers the effective limits are up to 3x the configured ones (use a redis:// "
+        "backend for exact shared limits)",
+        "webhooks.agents.*.maxConcurrent: counted per worker; with 3 workers up to 3x the "
+        "configured calls may be in flight",
+    ]
+    assert run(doc, "--strict")[0] == 2
+
+
+def test_several_workers_with_redis_limits_warn_only_about_the_lockout(
+    run: Any, short_tmp: Path
+) -> None:
+    limits = {"backend": "redis://127.0.0.1:6379/0", "global": {"requests": 5, "per": "1s"}}
+    assert warnings(run(tight_doc(short_tmp, workers=3, rateLimit=limits))[1]) == [
+        LOCKOUT_PER_WORKER
+    ]
+    assert warnings(run(tight_doc(short_tmp, workers=1, rateLimit=limits))[1]) == []

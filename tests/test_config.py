@@ -4,6 +4,7 @@ and no message ever contains a secret."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -376,6 +377,26 @@ def test_bad_durations(value: Any) -> None:
             "sidecar.listen: must be host:port",
         ),
         (
+            {**minimal(), "sidecar": {"workers": 0}},
+            "sidecar.workers: must be between 1 and 64",
+        ),
+        (
+            {**minimal(), "sidecar": {"workers": 65}},
+            "sidecar.workers: must be between 1 and 64",
+        ),
+        (
+            {**minimal(), "sidecar": {"workers": "all"}},
+            "sidecar.workers: must be a whole number between 1 and 64, or 'auto'",
+        ),
+        (
+            {**minimal(), "sidecar": {"workers": 2.5}},
+            "sidecar.workers: must be a whole number",
+        ),
+        (
+            {**minimal(), "sidecar": {"workers": True}},
+            "sidecar.workers: must be a whole number",
+        ),
+        (
             {**minimal(), "sidecar": {"limits": {"maxConnections": 0}}},
             "sidecar.limits.maxConnections: must be between 1 and 1000000",
         ),
@@ -533,3 +554,10 @@ def test_problems_escape_what_a_terminal_cannot_take() -> None:
         "webhooks.agents.\\ud800\\x1b[2J: agent names must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}"
     ]
     assert all(p.isprintable() for p in found)
+
+
+def test_workers_defaults_to_1_and_auto_is_one_per_usable_cpu() -> None:
+    assert loads(json.dumps(minimal())).sidecar.workers == 1
+    assert loads(json.dumps({**minimal(), "sidecar": {"workers": 4}})).sidecar.workers == 4
+    auto = loads(json.dumps({**minimal(), "sidecar": {"workers": "auto"}})).sidecar.workers
+    assert auto == min(64, len(os.sched_getaffinity(0)))

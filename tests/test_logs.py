@@ -118,6 +118,55 @@ def test_lines_arriving_together_are_written_together() -> None:
     assert stream.writes <= 3
 
 
+class FlushedWrites(io.StringIO):
+    """Records what reaches the stream between two flushes: one write(2) each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending = ""
+        self.flushed: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        return super().write(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.flushed.append(self.pending)
+        self.pending = ""
+
+
+def test_a_shared_stream_gets_whole_lines_within_pipe_buf_per_write() -> None:
+    """Several processes on one stderr (sidecar.workers): a write(2) of at most PIPE_BUF
+    bytes never interleaves with another's (pipe(7)). Real processes: test_workers.py."""
+    stream = FlushedWrites()
+    writer = LineWriter(stream, linger=0.2, max_write=logs.PIPE_BUF)
+    lines = [f"line {i} " + "x" * (i % 300) for i in range(400)]
+    for line in lines:
+        writer.write(line)
+    writer.close()
+    assert len(stream.flushed) > 1
+    for chunk in stream.flushed:
+        assert len(chunk.encode()) <= logs.PIPE_BUF and chunk.endswith("\n")
+    assert "".join(stream.flushed).splitlines() == lines
+
+
+def test_a_line_longer_than_pipe_buf_is_shortened_and_stays_json() -> None:
+    trace = "Traceback (most recent call last):\n" + "  frame\n" * 2000 + "ValueError: the cause"
+    line = json.dumps({"level": "error", "msg": "é" * 3000, "exception": trace})
+    [chunk] = logs.whole_lines([line], logs.PIPE_BUF)
+    assert len(chunk.encode()) <= logs.PIPE_BUF
+    doc = json.loads(chunk)
+    assert doc["truncated"] == len(line.encode())
+    assert doc["exception"].endswith("ValueError: the cause")  # the end is kept
+    assert doc["level"] == "error" and doc["msg"].startswith("é")
+    text = "audit " + "y" * 9000
+    [chunk] = logs.whole_lines([text], logs.PIPE_BUF)
+    assert len(chunk.encode()) <= logs.PIPE_BUF
+    assert chunk.startswith("audit yyy") and chunk.endswith(" ...[truncated 9006 bytes]\n")
+    assert logs.whole_lines(["short"], logs.PIPE_BUF) == ["short\n"]
+
+
 def test_lines_written_after_close_go_straight_to_the_stream() -> None:
     stream = io.StringIO()
     writer = LineWriter(stream)

@@ -256,6 +256,19 @@ async def test_listen_changes_are_named_as_needing_a_restart(
         assert (await post(public_url(doc)))[0] == 200  # still where it was
 
 
+async def test_a_workers_change_is_named_as_needing_a_restart(
+    runtime: Runtime, short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    doc = listening_doc(runtime.path)
+    async with running_server(short_tmp, doc) as (server, _):
+        more = json.loads(json.dumps(doc))
+        more["sidecar"]["workers"] = 2
+        write_config(short_tmp, more)
+        assert await server.reload()
+        assert "sidecar.workers changed from 1 to 2: it takes effect on restart" in caplog.text
+        assert server.state.settings.sidecar.workers == 2  # the rest of the config applies
+
+
 # ---------------------------------------------------------------- a real process
 
 

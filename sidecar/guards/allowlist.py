@@ -6,12 +6,13 @@ malformed forwarded chain) is never allowed.
 
 from __future__ import annotations
 
-from functools import lru_cache, partial
+from functools import partial
 
-from ..config import IPAddress, Settings
+from ..config import Settings
 from ..pipeline import Call, Guard, Reject
 from .clientip import in_networks
 
+_MAX_VERDICTS = 4096
 _NOT_ALLOWED = partial(Reject, 403, "ip_not_allowed", "this client address may not call the hooks")
 
 
@@ -21,13 +22,21 @@ def ip_allowlist(settings: Settings) -> Guard | None:
     if networks is None:
         return None
 
-    @lru_cache(maxsize=4096)
-    def allowed(addr: IPAddress) -> bool:
-        return in_networks(addr, networks)
+    # Verdicts by the address's canonical text (call.client_ip): hashing a str is C,
+    # hashing an ipaddress object is Python. Cleared when full: bounded under a flood.
+    verdicts: dict[str, bool] = {}
 
     def guard(call: Call) -> None:
         addr = call.client_addr
-        if addr is None or not allowed(addr):
+        if addr is None:
+            raise _NOT_ALLOWED()
+        allowed = verdicts.get(call.client_ip)
+        if allowed is None:
+            allowed = in_networks(addr, networks)
+            if len(verdicts) >= _MAX_VERDICTS:
+                verdicts.clear()
+            verdicts[call.client_ip] = allowed
+        if not allowed:
             raise _NOT_ALLOWED()
 
     return guard

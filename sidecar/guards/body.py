@@ -151,8 +151,10 @@ def json_body(settings: Settings) -> Guard:
             await _continue(request)
         stream = request.content
         try:
-            if stream.is_eof():  # the whole body came with the head: nothing to wait for
-                body = await _read_limited(stream, max_bytes, too_large)
+            if stream.is_eof():  # the whole body came with the head: take it, no waiting
+                body = stream.read_nowait()
+                if len(body) > max_bytes:
+                    raise too_large()
             else:
                 async with asyncio.timeout(limits.body_timeout):
                     body = await _read_limited(stream, max_bytes, too_large)

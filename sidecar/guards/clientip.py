@@ -85,13 +85,23 @@ def resolve(
     return addr  # every hop was a trusted proxy: the left-most one is the origin
 
 
+@lru_cache(maxsize=4096)
+def _peer(text: str) -> tuple[IPAddress | None, str]:
+    """The TCP peer's address and its canonical spelling (``str()`` of an address
+    costs as much as the rest of this guard: done once per peer)."""
+    addr = parse_address(text)
+    return addr, UNKNOWN if addr is None else str(addr)
+
+
 def client_address(settings: Settings) -> Guard:
     """Sets ``call.client_ip`` / ``call.client_addr``; never refuses by itself."""
     trusted = settings.sidecar.trusted_proxies
 
     def guard(call: Call) -> None:
-        request = call.request
-        forwarded = request.headers.getall("X-Forwarded-For", ()) if trusted else ()
+        if not trusted:
+            call.client_addr, call.client_ip = _peer(call.client_ip)
+            return
+        forwarded = call.request.headers.getall("X-Forwarded-For", ())
         addr = resolve(call.client_ip, forwarded, trusted)
         call.client_addr = addr
         call.client_ip = UNKNOWN if addr is None else str(addr)

@@ -65,6 +65,11 @@ class LockoutTable:
         # key -> when its lock ends, earliest locked first. Public so the guard's
         # common case (nobody locked) is one truth test.
         self.locks: OrderedDict[str, float] = OrderedDict()
+        # Nothing in either table can expire before this time: _expire returns at once.
+        # Entries only join at the back with later times, so it stays a lower bound.
+        self._quiet_until = 0.0
+        self._policy: Lockout | None = None  # the policy self._cap was computed for
+        self._cap = max_entries
 
     def __len__(self) -> int:
         return len(self._failures) + len(self.locks)
@@ -81,7 +86,7 @@ class LockoutTable:
 
     def record_failure(self, key: str, policy: Lockout, now: float) -> bool:
         """Count one failure at ``now``; True when it locked ``key``."""
-        self._expire(now, policy.window)
+        self._expire(now, policy)
         horizon = now - policy.window
         failures = self._failures
         previous = failures.pop(key, None)
@@ -90,7 +95,8 @@ class LockoutTable:
             count = 1
         else:
             recent = array("d", (previous,)) if isinstance(previous, float) else previous
-            stale = bisect_right(recent, horizon)  # times only grow: a sorted array
+            # Times only grow: a sorted array, and usually its oldest is still live.
+            stale = 0 if recent[0] > horizon else bisect_right(recent, horizon)
             # Trimming the front moves the whole array: done only once the stale times
             # are an eighth of it, so a large maxFailures costs O(1) per failure, not
             # O(maxFailures) (a record holds at most 8/7 of its live times).
@@ -104,32 +110,48 @@ class LockoutTable:
                 self.locks.popitem(last=False)  # the lock that ends first
             self.locks[key] = now + policy.duration
             return True
-        # A record holds up to maxFailures - 1 times: fewer records for a large policy.
-        cap = min(self.max_entries, max(1, self.max_times // max(1, policy.max_failures - 1)))
+        if policy is not self._policy:  # a record holds up to maxFailures - 1 times:
+            self._policy = policy  # fewer records for a large policy
+            self._cap = min(
+                self.max_entries, max(1, self.max_times // max(1, policy.max_failures - 1))
+            )
+        cap = self._cap
         while len(failures) >= cap:
             failures.popitem(last=False)  # the least recently failed
         failures[key] = now if count == 1 else recent  # one live time: a bare float
         return False
 
-    def _expire(self, now: float, window: float) -> None:
+    def _expire(self, now: float, policy: Lockout) -> None:
         """Drop records whose last failure left the window and locks that ended.
 
         Each table is ordered by time, so this stops at the first live entry:
-        every entry is dropped once, O(1) per failure over time."""
+        every entry is dropped once, O(1) per failure over time. It then notes
+        when the first live entry (or one added from now on) can expire and does
+        nothing until then. (After a reload that shortens the window or the
+        duration, entries may outlive them by the old length: memory only, the
+        lookups compare times themselves.)"""
+        if now < self._quiet_until:
+            return
+        window = policy.window
         failures = self._failures
         horizon = now - window
+        quiet_until = now + window
         while failures:
             key, times = next(iter(failures.items()))
             last = times if isinstance(times, float) else times[-1]
             if last > horizon:
+                quiet_until = last + window
                 break
             del failures[key]
         locks = self.locks
+        lock_quiet = now + policy.duration
         while locks:
             key, until = next(iter(locks.items()))
             if until > now:
+                lock_quiet = until
                 break
             del locks[key]
+        self._quiet_until = min(quiet_until, lock_quiet)
 
 
 def auth_lockout(settings: Settings, table: LockoutTable) -> Guard:
