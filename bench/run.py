@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import http.client
 import json
 import os
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,12 +289,15 @@ def http_call(
     path: str,
     headers: dict[str, str] | None = None,
     body: str | None = None,
+    max_bytes: int | None = 2000,
 ) -> tuple[int, str]:
+    """One call on a new connection: (status, the first ``max_bytes`` of the body;
+    None: all of it)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         r = conn.getresponse()
-        return r.status, r.read(2000).decode("utf-8", "replace")
+        return r.status, r.read(max_bytes).decode("utf-8", "replace")
     finally:
         conn.close()
 
@@ -309,6 +314,7 @@ class Target:
     note: str = ""
     rss_start_kb: int = 0
     log_head: str = ""
+    admin_port: int = 0
 
     def pids(self) -> list[int]:
         return family_pids(self.proc.pid)
@@ -423,20 +429,18 @@ def start_sidecar(
     h: Harness,
     args: argparse.Namespace,
     ports: set[int],
-    secret: str,
     variant: str,
     cmd: list[str],
     env: dict[str, str],
-    redis_url: str | None = None,
+    make_config: Callable[..., dict[str, Any]],
 ) -> Target:
+    """A sidecar named ``variant`` whose config is ``make_config(listen=,
+    admin_listen=, upstream_socket=)``, up and ready (or said why not)."""
     port, admin = free_port(ports), free_port(ports)
-    cfg = configs.sidecar_config(
-        secret=secret,
+    cfg = make_config(
         listen=f"127.0.0.1:{port}",
         admin_listen=f"127.0.0.1:{admin}",
         upstream_socket=str(h.tmp / "rt.sock"),
-        variant=variant,
-        redis_url=redis_url,
     )
     path = h.tmp / f"{variant}.json5"
     path.write_text(json.dumps(cfg, indent=2) + "\n")
@@ -470,8 +474,40 @@ def start_sidecar(
     if p.log_path:
         shutil.copyfile(p.log_path, h.tmp / f"{variant}.startup.log")
     return Target(
-        variant, port, p, note=f"{shlex.join(cmd)} run -c {path}; admin 127.0.0.1:{admin}"
+        variant,
+        port,
+        p,
+        note=f"{shlex.join(cmd)} run -c {path}; admin 127.0.0.1:{admin}",
+        admin_port=admin,
     )
+
+
+def post(port: int, token: str, forwards: bool) -> tuple[int, str]:
+    """One call like the benchmark's: BODY, or BODY_REFUSED for a call that must be refused."""
+    return http_call(
+        port,
+        "POST",
+        configs.PATH,
+        {"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        configs.BODY if forwards else configs.BODY_REFUSED,
+    )
+
+
+def error_code(body: str) -> str | None:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return doc.get("error") if isinstance(doc, dict) else None
+
+
+def prepare(t: Target, v: configs.Variant, bad: str) -> None:
+    """Put a sidecar in the state its scenarios measure (sidecar-locked: its lockout
+    tripped for 127.0.0.1), before the preflight and the warm-up."""
+    for i in range(v.prepare_bad_calls):
+        st, body = post(t.port, bad, forwards=False)
+        if st != 401:
+            raise RuntimeError(f"preparing: bad token {i + 1} got {st}, not 401: {body[:200]}")
 
 
 # --------------------------------------------------------------------------
@@ -484,28 +520,39 @@ class Scenario:
     target: str
     kind: str  # "wrk" | "rate"
     good_token: bool
-    expect: int
+    expect: configs.Expect = configs.OK
+    # The ratios it enters as the numerator: (denominator scenario, goal or None).
+    vs: tuple[tuple[str, float | None], ...] = ()
 
     @property
     def forwards(self) -> bool:
-        return self.good_token
+        """Its calls must reach the runtime (and carry BODY); the others must not
+        (and carry BODY_REFUSED, which the runtime counts)."""
+        return self.expect.status == 200
+
+
+# Ratios between targets that are not sidecar variants (those are in configs.py).
+BASE_RATIOS = (("nginx", "direct", None), ("nginx-refuse", "floor401-refuse", None))
 
 
 def all_scenarios() -> tuple[list[Scenario], list[Scenario]]:
+    unauthorized = configs.UNAUTHORIZED_401
     thr = [
-        Scenario("direct", "direct", "wrk", True, 200),
-        Scenario("floor401-refuse", "floor401", "wrk", False, 401),
-        Scenario("nginx", "nginx", "wrk", True, 200),
-        Scenario("nginx-refuse", "nginx", "wrk", False, 401),
+        Scenario("direct", "direct", "wrk", True),
+        Scenario("floor401-refuse", "floor401", "wrk", False, unauthorized),
+        Scenario("nginx", "nginx", "wrk", True),
+        Scenario("nginx-refuse", "nginx", "wrk", False, unauthorized),
     ]
-    lat = [Scenario("lat-direct", "direct", "rate", True, 200)]
-    for v in SIDECAR_TARGETS:
-        thr += [Scenario(v, v, "wrk", True, 200), Scenario(f"{v}-refuse", v, "wrk", False, 401)]
-    lat += [
-        Scenario(f"lat-{SIDECAR_TARGETS[0]}", SIDECAR_TARGETS[0], "rate", True, 200),
-        Scenario("lat-nginx", "nginx", "rate", True, 200),
-    ]
-    lat += [Scenario(f"lat-{v}", v, "rate", True, 200) for v in SIDECAR_TARGETS[1:]]
+    lat = [Scenario("lat-direct", "direct", "rate", True)]
+    for name, v in configs.SIDECAR_VARIANTS.items():
+        for ld in v.loads:
+            good = ld.token == "good"
+            thr.append(Scenario(name + ld.suffix, name, "wrk", good, ld.expect, ld.vs))
+    # nginx's latency right after the default sidecar's, as before.
+    lat_names = [n for n, v in configs.SIDECAR_VARIANTS.items() if v.latency]
+    lat += [Scenario(f"lat-{n}", n, "rate", True) for n in lat_names[:1]]
+    lat.append(Scenario("lat-nginx", "nginx", "rate", True))
+    lat += [Scenario(f"lat-{n}", n, "rate", True) for n in lat_names[1:]]
     return thr, lat
 
 
@@ -578,7 +625,7 @@ class Bench:
         srv_pids = t.pids()
         rt_pids = self.runtime.pids() if s.target != "direct" else []
         posts0, marked0 = self.runtime_stats()
-        body = configs.BODY if s.good_token else configs.BODY_REFUSED
+        body = configs.BODY if s.forwards else configs.BODY_REFUSED
         cpu0, rt0, cores0, t0 = (
             cpu_ticks(srv_pids),
             cpu_ticks(rt_pids),
@@ -589,7 +636,7 @@ class Bench:
         if s.kind == "wrk":
             data, flags = self._wrk(t, token, body, s.expect, duration)
         else:
-            data, flags = self._rate(t, token, body, s.expect, duration)
+            data, flags = self._rate(t, token, body, s.expect.status, duration)
         wall = time.monotonic() - t0
         cpu1, rt1, cores1 = cpu_ticks(srv_pids), cpu_ticks(rt_pids), core_times()
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
@@ -611,7 +658,7 @@ class Bench:
         answered = answered or 0
         ok = data.get("statuses", {}).get("200", 0)
         if s.kind == "rate":
-            ok = data.get("completed", 0) - data.get("unexpected", 0) if s.expect == 200 else 0
+            ok = data.get("completed", 0) - data.get("unexpected", 0) if s.forwards else 0
         data["forwarded"] = posts
         if s.forwards and not ok <= posts - marked <= answered + self.args.connections + 64:
             flags.append(f"runtime got {posts} calls for {ok} answered 200")
@@ -661,7 +708,7 @@ class Bench:
         return run
 
     def _wrk(
-        self, t: Target, token: str, body: str, expect: int, duration: float
+        self, t: Target, token: str, body: str, expect: configs.Expect, duration: float
     ) -> tuple[dict[str, Any], list[str]]:
         a = self.args
         secs = max(1, round(duration))
@@ -681,8 +728,9 @@ class Bench:
             f"http://127.0.0.1:{t.port}{configs.PATH}",
             "--",
             token,
-            str(expect),
+            str(expect.status),
             body,
+            *([expect.code] if expect.code else []),
         ]
         p = self.h.spawn("wrk", argv, cpu=a.client_cpu, stdout_pipe=True, log_name="wrk.log")
         try:
@@ -708,8 +756,11 @@ class Bench:
         d["rps"] = round(d["requests"] / (d["duration_us"] / 1e6), 1) if d["duration_us"] else 0.0
         if d["unexpected"]:
             flags.append(
-                f"{d['unexpected']} responses not {expect}: {d['statuses']}" + hint(d["statuses"])
+                f"{d['unexpected']} responses not {expect.status}: {d['statuses']}"
+                + hint(d["statuses"])
             )
+        if d.get("wrong_code"):
+            flags.append(f"{d['wrong_code']} {expect.status} responses without {expect.code!r}")
         errs = {k: v for k, v in d["errors"].items() if v and k != "status"}
         if errs:
             flags.append(f"socket errors {errs}")
@@ -869,19 +920,8 @@ def summarize(runs: list[Run], scns: list[Scenario], targets: dict[str, Target])
             return None
         return t["cpu_us_per_req"] + (t["runtime_cpu_us_per_req"] or 0)
 
-    ratio_defs = [
-        ("sidecar", "nginx", 0.75),
-        (f"{SIDECAR_TARGETS[0]}-refuse", "floor401-refuse", 0.9),
-        ("sidecar", "direct", None),
-        ("nginx", "direct", None),
-        ("nginx-refuse", "floor401-refuse", None),
-    ]
-    for v in SIDECAR_TARGETS[1:]:
-        ratio_defs += [
-            (v, "nginx", 0.75),
-            (f"{v}-refuse", "floor401-refuse", 0.9),
-            (v, SIDECAR_TARGETS[0], None),
-        ]
+    ratio_defs = [(s.name, den, goal) for s in scns for den, goal in s.vs]
+    ratio_defs += BASE_RATIOS
     for num, den, target in ratio_defs:
         tn, td = summ["throughput"].get(num), summ["throughput"].get(den)
         if not tn or not td or not tn["rps_median"] or not td["rps_median"]:
@@ -895,7 +935,7 @@ def summarize(runs: list[Run], scns: list[Scenario], targets: dict[str, Target])
             "target": target,
             "pass": None if target is None else tn["rps_median"] / td["rps_median"] >= target,
         }
-    for v in [*SIDECAR_TARGETS, "nginx"]:
+    for v in [s.target for s in scns if s.kind == "rate" and s.target != "direct"]:
         per = []
         for rv in by.get(f"lat-{v}", []):
             for rd in by.get("lat-direct", []):
@@ -956,129 +996,137 @@ def pair(a: float | None, b: float | None) -> str:
     return f"{fmt(a)}/{fmt(b)}"
 
 
+def fmt_span(xs: list[float], spec: str) -> str:
+    return f"{format(min(xs), spec)}..{format(max(xs), spec)}" if xs else "-"
+
+
+Column = tuple[str, Callable[[str, dict[str, Any]], str]]
+
+
+def section(out: list[str], title: list[str], columns: list[Column], items: dict[str, Any]) -> None:
+    """One report table: a blank line, the title lines, a row per item (name, summary)."""
+    if not items:
+        return
+    out += ["", *title]
+    rows = [[cell(name, it) for _, cell in columns] for name, it in items.items()]
+    out += table([head for head, _ in columns], rows)
+
+
+def _name(name: str, _: dict[str, Any]) -> str:
+    return name
+
+
+def _num(key: str, spec: str) -> Callable[[str, dict[str, Any]], str]:
+    return lambda _, t: fmt(t[key], spec)
+
+
+def _pair(key: str) -> Callable[[str, dict[str, Any]], str]:
+    return lambda _, t: pair(t[f"server_core_{key}_pct"], t[f"client_core_{key}_pct"])
+
+
+def _runs(_: str, t: dict[str, Any]) -> str:
+    return f"{t['flagged_runs']}/{t['noisy_runs']}"
+
+
+def _span(key: str) -> Callable[[str, dict[str, Any]], str]:
+    return lambda _, t: fmt_span([x for x in t[key] if x], ",.0f")
+
+
+def _verdict(_: str, r: dict[str, Any]) -> str:
+    if r["target"] is None:
+        return ""
+    return f">= {r['target']}: {'PASS' if r['pass'] else 'FAIL'}"
+
+
 def print_report(
     summ: dict[str, Any], runs: list[Run], args: argparse.Namespace, skipped: dict[str, str]
 ) -> None:
     out: list[str] = []
     w = out.append
     secs = max(1, round(args.duration))
-    w("")
-    w(
-        f"== throughput: wrk -t{args.threads} -c{args.connections} -d{secs}s, median of "
-        f"{args.rounds} round(s); servers on cpu {args.server_cpu}, wrk on cpu {args.client_cpu}"
-    )
-    rows = []
-    for name, t in summ["throughput"].items():
-        rps = [x for x in t["rps_all"] if x]
-        rows.append(
-            [
-                name,
-                fmt(t["rps_median"]),
-                f"{min(rps):,.0f}..{max(rps):,.0f}" if rps else "-",
-                fmt(t["p50_ms"], ".2f"),
-                fmt(t["p99_ms"], ".2f"),
-                fmt(t["cpu_us_per_req"], ".1f"),
-                fmt(t["runtime_cpu_us_per_req"], ".1f"),
-                pair(t["server_core_busy_pct"], t["client_core_busy_pct"]),
-                pair(t["server_core_other_pct"], t["client_core_other_pct"]),
-                f"{t['flagged_runs']}/{t['noisy_runs']}",
-            ]
-        )
-    out += table(
+    section(
+        out,
         [
-            "scenario",
-            "req/s",
-            "min..max",
-            "p50 ms",
-            "p99 ms",
-            "cpu us/req",
-            "+runtime",
-            "busy% s/c",
-            "other% s/c",
-            "flag/noisy",
+            f"== throughput: wrk -t{args.threads} -c{args.connections} -d{secs}s, median of "
+            f"{args.rounds} round(s); servers on cpu {args.server_cpu}, wrk on cpu "
+            f"{args.client_cpu}"
         ],
-        rows,
+        [
+            ("scenario", _name),
+            ("req/s", _num("rps_median", ",.0f")),
+            ("min..max", _span("rps_all")),
+            ("p50 ms", _num("p50_ms", ".2f")),
+            ("p99 ms", _num("p99_ms", ".2f")),
+            ("cpu us/req", _num("cpu_us_per_req", ".1f")),
+            ("+runtime", _num("runtime_cpu_us_per_req", ".1f")),
+            ("busy% s/c", _pair("busy")),
+            ("other% s/c", _pair("other")),
+            ("flag/noisy", _runs),
+        ],
+        summ["throughput"],
     )
-    if summ["ratios"]:
-        w("")
-        w("== ratios of median req/s (per-round: the same round's side-by-side pairs; cpu-based:")
-        w("   server+runtime cpu us/req of the denominator / of the numerator, less noise-prone)")
-        rows = []
-        for k, r in summ["ratios"].items():
-            pr = r["per_round"]
-            verdict = (
-                ""
-                if r["target"] is None
-                else (f">= {r['target']}: {'PASS' if r['pass'] else 'FAIL'}")
-            )
-            rows.append(
-                [
-                    k,
-                    f"{r['ratio']:.3f}",
-                    f"{min(pr):.3f}..{max(pr):.3f}" if pr else "-",
-                    fmt(r["cpu_ratio"], ".3f"),
-                    verdict,
-                ]
-            )
-        out += table(["ratio", "req/s", "per-round", "cpu-based", "target"], rows)
-    if summ["latency"]:
-        w("")
-        w(
+    section(
+        out,
+        [
+            "== ratios of median req/s (per-round: the same round's side-by-side pairs; cpu-based:",
+            "   server+runtime cpu us/req of the denominator / of the numerator, less noise-prone)",
+        ],
+        [
+            ("ratio", _name),
+            ("req/s", _num("ratio", ".3f")),
+            ("per-round", lambda _, r: fmt_span(r["per_round"], ".3f")),
+            ("cpu-based", _num("cpu_ratio", ".3f")),
+            ("target", _verdict),
+        ],
+        summ["ratios"],
+    )
+    section(
+        out,
+        [
             f"== latency at a fixed {args.rate:g} req/s (bench/loadgen.py, open loop, "
             f"{args.latency_duration:g} s), ms, median of rounds"
-        )
-        rows = []
-        for name, t in summ["latency"].items():
-            rows.append(
-                [
-                    name,
-                    fmt(t["p50_ms"], ".3f"),
-                    fmt(t["p99_ms"], ".3f"),
-                    fmt(t["p999_ms"], ".3f"),
-                    fmt(t["sched_p99_ms"], ".3f"),
-                    fmt(t["send_lag_p99_ms"], ".3f"),
-                    fmt(t["rate"]),
-                    pair(t["server_core_other_pct"], t["client_core_other_pct"]),
-                    f"{t['flagged_runs']}/{t['noisy_runs']}",
-                ]
-            )
-        out += table(
-            [
-                "scenario",
-                "p50",
-                "p99",
-                "p99.9",
-                "sched p99",
-                "lag p99",
-                "rate",
-                "other% s/c",
-                "flag/noisy",
-            ],
-            rows,
-        )
-        rows = []
-        for k, a in summ["added_latency_ms"].items():
-            per = ", ".join(f"{x:+.3f}" for x in a["per_round_p99"])
-            rows.append([k, f"{a['p50']:+.3f}", f"{a['p99']:+.3f}", f"{a['p999']:+.3f}", per])
-        if rows:
-            w("")
-            w("== added latency, ms: median over rounds of (target - direct) in the same round")
-            out += table(["added", "p50", "p99", "p99.9", "p99 per round"], rows)
-    w("")
-    w("== memory, MiB: VmRSS after start, at the end, peak VmHWM (whole process group);")
-    w("   KiB/1k req: (end - start) per 1000 requests measured (warm-ups not counted)")
-    rows = [
+        ],
         [
-            n,
-            f"{m['rss_after_start'] / 1024:.1f}",
-            f"{m['rss_now'] / 1024:.1f}",
-            f"{m['peak'] / 1024:.1f}",
-            str(m["processes"]),
-            fmt(m["kb_per_1k_requests"], ".1f"),
-        ]
-        for n, m in summ["memory_kb"].items()
-    ]
-    out += table(["target", "start", "end", "peak", "processes", "KiB/1k req"], rows)
+            ("scenario", _name),
+            ("p50", _num("p50_ms", ".3f")),
+            ("p99", _num("p99_ms", ".3f")),
+            ("p99.9", _num("p999_ms", ".3f")),
+            ("sched p99", _num("sched_p99_ms", ".3f")),
+            ("lag p99", _num("send_lag_p99_ms", ".3f")),
+            ("rate", _num("rate", ",.0f")),
+            ("other% s/c", _pair("other")),
+            ("flag/noisy", _runs),
+        ],
+        summ["latency"],
+    )
+    section(
+        out,
+        ["== added latency, ms: median over rounds of (target - direct) in the same round"],
+        [
+            ("added", _name),
+            ("p50", _num("p50", "+.3f")),
+            ("p99", _num("p99", "+.3f")),
+            ("p99.9", _num("p999", "+.3f")),
+            ("p99 per round", lambda _, a: ", ".join(f"{x:+.3f}" for x in a["per_round_p99"])),
+        ],
+        summ["added_latency_ms"],
+    )
+    section(
+        out,
+        [
+            "== memory, MiB: VmRSS after start, at the end, peak VmHWM (whole process group);",
+            "   KiB/1k req: (end - start) per 1000 requests measured (warm-ups not counted)",
+        ],
+        [
+            ("target", _name),
+            ("start", lambda _, m: f"{m['rss_after_start'] / 1024:.1f}"),
+            ("end", lambda _, m: f"{m['rss_now'] / 1024:.1f}"),
+            ("peak", lambda _, m: f"{m['peak'] / 1024:.1f}"),
+            ("processes", lambda _, m: str(m["processes"])),
+            ("KiB/1k req", _num("kb_per_1k_requests", ".1f")),
+        ],
+        summ["memory_kb"],
+    )
     for name, why in skipped.items():
         w(f"SKIPPED {name}: {why}")
     noisy = [r for r in runs if r.noise]
@@ -1245,8 +1293,12 @@ def main() -> int:
                 if configs.NEEDS_REDIS & set(wanted_sc):
                     redis_url = start_redis(h, args, ports)
                 for v in wanted_sc:
+                    make = functools.partial(
+                        configs.sidecar_config, secret=secret, variant=v, redis_url=redis_url
+                    )
                     try:
-                        targets[v] = start_sidecar(h, args, ports, secret, v, cmd, env, redis_url)
+                        targets[v] = start_sidecar(h, args, ports, v, cmd, env, make)
+                        prepare(targets[v], configs.SIDECAR_VARIANTS[v], bad)
                     except Exception as e:
                         skipped[v] = f"did not start: {e}"
         for name, why in skipped.items():
@@ -1259,26 +1311,15 @@ def main() -> int:
             t.rss_start_kb = sum(status_kb(p, "VmRSS") for p in t.pids())
             log(f"  {t.name:16} 127.0.0.1:{t.port}  pid {t.proc.pid}  {t.note}")
 
-        # Preflight: one call each, so a misconfiguration shows up before minutes of load.
-        hdr = {"Content-Type": "application/json"}
-        for name, t in targets.items():
-            if name in ("floor401",):
-                checks = [(bad, 401)]
-            elif name == "direct":
-                checks = [(secret, 200)]
-            else:
-                checks = [(secret, 200), (bad, 401)]
-            for tok, want in checks:
-                st, body = http_call(
-                    t.port,
-                    "POST",
-                    configs.PATH,
-                    {**hdr, "Authorization": f"Bearer {tok}"},
-                    configs.BODY if tok == secret else configs.BODY_REFUSED,
-                )
-                mark = "ok" if st == want else f"UNEXPECTED (want {want})"
-                kind = "good" if tok == secret else "bad "
-                log(f"  preflight {name:16} {kind} token -> {st} {mark}  {body[:120]}")
+        # Preflight: one call per scenario, so a misconfiguration shows up before
+        # minutes of load.
+        for sc in [x for x in thr if x.target in targets]:
+            st, body = post(targets[sc.target].port, secret if sc.good_token else bad, sc.forwards)
+            got = (st, error_code(body) if sc.expect.code else None)
+            want = (sc.expect.status, sc.expect.code)
+            mark = "ok" if got == want else f"UNEXPECTED (want {want[0]} {want[1] or ''})"
+            kind = "good" if sc.good_token else "bad "
+            log(f"  preflight {sc.name:22} {kind} token -> {st} {mark}  {body[:100]}")
 
         bench = Bench(args, h, targets, runtime, secret, bad)
         if args.warmup > 0:
