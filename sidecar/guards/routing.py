@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from functools import partial
 
+from aiohttp import web
+
 from ..pipeline import Call, Guard, Reject
 
 ENDPOINTS = {"/hooks/wake": "wake", "/hooks/agent": "agent"}
@@ -26,11 +28,20 @@ _TOKEN_IN_QUERY = partial(
 )
 
 
+def endpoint_of(request: web.BaseRequest) -> str | None:
+    """``"wake"`` or ``"agent"`` when the decoded path is one of the hooks, else None.
+
+    The raw request target is tried first: when it is exactly a hook's path, so
+    is the decoded one, and the URL object is never decoded (most calls)."""
+    endpoint = ENDPOINTS.get(request.raw_path)
+    return endpoint if endpoint is not None else ENDPOINTS.get(request.path)
+
+
 def route() -> Guard:
     """404 for any path but the two hooks, 405 for any method but POST; sets ``endpoint``."""
 
     def guard(call: Call) -> None:
-        endpoint = ENDPOINTS.get(call.request.path)
+        endpoint = endpoint_of(call.request)
         if endpoint is None:
             raise _NOT_FOUND()
         if call.request.method != "POST":
@@ -44,7 +55,9 @@ def no_token_in_query() -> Guard:
     """400 when the query string carries ``token`` or ``access_token``."""
 
     def guard(call: Call) -> None:
-        if call.request.query_string:
+        # No "?" in the raw target: no query at all (the common case, decided without
+        # parsing the URL). A "?" anywhere falls through to the parsed query.
+        if "?" in call.request.raw_path and call.request.query_string:
             query = call.request.query
             if "token" in query or "access_token" in query:
                 raise _TOKEN_IN_QUERY()
