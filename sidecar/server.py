@@ -55,7 +55,7 @@ MMAP_THRESHOLD = 128 * 1024
 def tune_allocator() -> bool:
     """Keep glibc from holding on to freed table memory (returns whether it applied).
 
-    The lockout and rate-limit tables are dicts of up to 100k entries, whose
+    The lockout and rate-limit tables are dicts of up to 25k entries, whose
     hash tables are multi-MB blocks, reallocated as the tables churn under a
     many-address flood. glibc raises its mmap threshold each time such a block
     is freed (the "dynamic threshold", mallopt(3)), so the next ones come from

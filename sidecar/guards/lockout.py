@@ -31,9 +31,12 @@ from collections.abc import Callable
 from ..config import Lockout, Settings
 from ..pipeline import Call, Guard, Reject
 
-# About 60 MB for both tables at their worst (README "Threat model": bench/lockout_memory.py).
-DEFAULT_MAX_ENTRIES = 100_000
-DEFAULT_MAX_TIMES = 1_000_000
+# About 15 MB for both tables at their worst (README "Threat model": bench/lockout_memory.py),
+# so a flood of addresses leaves the whole process near its usual size. More would
+# not buy security: whoever makes 25k addresses fail within one window has 25k
+# addresses, each with maxFailures guesses, whatever the table remembers.
+DEFAULT_MAX_ENTRIES = 25_000
+DEFAULT_MAX_TIMES = 250_000
 
 FailureRecorder = Callable[[Call], None]
 

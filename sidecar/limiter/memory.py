@@ -19,7 +19,9 @@ from collections.abc import Callable, Sequence
 
 from .base import Check, Decision, Limiter, gcra, now_us
 
-DEFAULT_MAX_ENTRIES = 100_000
+# ~4 MB of buckets at the cap. Dropping a bucket only gives its client a full one
+# back, and the least recently used go first: an address still calling keeps its own.
+DEFAULT_MAX_ENTRIES = 25_000
 SWEEP_EVERY = 10_000_000  # microseconds
 
 
