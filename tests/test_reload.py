@@ -243,30 +243,21 @@ async def test_a_request_still_uploading_keeps_its_config(
     assert [c["agent"] for c in runtime.calls] == ["my-agent"]
 
 
-async def test_listen_changes_are_named_as_needing_a_restart(
-    runtime: Runtime, short_tmp: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("key", ["listen", "workers"])
+async def test_restart_only_changes_are_named_as_needing_a_restart(
+    runtime: Runtime, short_tmp: Path, caplog: pytest.LogCaptureFixture, key: str
 ) -> None:
     doc = listening_doc(runtime.path)
     async with running_server(short_tmp, doc) as (server, _):
-        moved = json.loads(json.dumps(doc))
-        moved["sidecar"]["listen"] = f"127.0.0.1:{free_port()}"
-        write_config(short_tmp, moved)
+        changed = json.loads(json.dumps(doc))
+        changed["sidecar"][key] = f"127.0.0.1:{free_port()}" if key == "listen" else 2
+        write_config(short_tmp, changed)
         assert await server.reload()
         assert "takes effect on restart" in caplog.text
         assert (await post(public_url(doc)))[0] == 200  # still where it was
-
-
-async def test_a_workers_change_is_named_as_needing_a_restart(
-    runtime: Runtime, short_tmp: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    doc = listening_doc(runtime.path)
-    async with running_server(short_tmp, doc) as (server, _):
-        more = json.loads(json.dumps(doc))
-        more["sidecar"]["workers"] = 2
-        write_config(short_tmp, more)
-        assert await server.reload()
-        assert "sidecar.workers changed from 1 to 2: it takes effect on restart" in caplog.text
-        assert server.state.settings.sidecar.workers == 2  # the rest of the config applies
+        if key == "workers":
+            assert "sidecar.workers changed from 1 to 2" in caplog.text
+            assert server.state.settings.sidecar.workers == 2  # the rest of the config applies
 
 
 # ---------------------------------------------------------------- a real process
