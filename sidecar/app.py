@@ -26,7 +26,7 @@ from .guards.clientip import client_address
 from .guards.enabled import webhooks_enabled
 from .guards.lockout import LockoutTable, auth_lockout, failure_recorder
 from .guards.ratelimit import InFlight, agent_limits, client_limits
-from .guards.routing import endpoint_of, no_token_in_query, route
+from .guards.routing import no_token_in_query, route
 from .limiter import Limiter, open_limiter
 from .logs import AuditLog
 from .metrics import Metrics
@@ -178,8 +178,6 @@ async def handle(state: State, request: web.BaseRequest) -> web.StreamResponse:
     call = Call(request, runtime.settings)
     if call.request_id in state.secret_texts:  # a client's token sent as X-Request-Id:
         call.request_id = new_request_id()  # it would be logged and echoed back
-    # Label by the hook the path names, also when a guard before routing refuses the call.
-    call.endpoint = endpoint_of(request) or "other"
     forwarding = False
     task = asyncio.current_task()
     state.calls.add(task)  # type: ignore[arg-type]  # also webhook_sidecar_in_flight_requests

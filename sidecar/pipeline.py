@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 Guard = Callable[["Call"], Awaitable[None] | None]
 
+# The hooks, by their exact decoded path (SPEC §3): nothing else routes.
+ENDPOINTS = {"/hooks/wake": "wake", "/hooks/agent": "agent"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _randbits = random.getrandbits
 
@@ -62,7 +64,12 @@ class Call:
         # the audit log and the upstream X-Forwarded-For use it.
         self.client_ip: str = request.remote or ""
         self.client_addr: IPAddress | None = None
-        self.endpoint = "other"  # "wake" or "agent" once routing matched
+        # "wake" or "agent" when the path names a hook, else "other": the metrics label
+        # also of calls refused before routing, and what the route guard judges. The
+        # raw target is tried first: when it is exactly a hook's path, so is the decoded
+        # one, and the URL is never decoded (most calls).
+        endpoint = ENDPOINTS.get(request.raw_path) or ENDPOINTS.get(request.path)
+        self.endpoint = endpoint or "other"
         self.secret: Secret | None = None  # set by bearer auth
         self.body: dict[str, Any] = {}  # the validated JSON body
         self.agent: Agent | None = None  # set by the agent lookup

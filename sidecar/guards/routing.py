@@ -10,11 +10,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from aiohttp import web
-
 from ..pipeline import Call, Guard, Reject
-
-ENDPOINTS = {"/hooks/wake": "wake", "/hooks/agent": "agent"}
 
 _NOT_FOUND = partial(
     Reject, 404, "not_found", "no such endpoint; use POST /hooks/wake or /hooks/agent"
@@ -28,25 +24,14 @@ _TOKEN_IN_QUERY = partial(
 )
 
 
-def endpoint_of(request: web.BaseRequest) -> str | None:
-    """``"wake"`` or ``"agent"`` when the decoded path is one of the hooks, else None.
-
-    The raw request target is tried first: when it is exactly a hook's path, so
-    is the decoded one, and the URL object is never decoded (most calls)."""
-    endpoint = ENDPOINTS.get(request.raw_path)
-    return endpoint if endpoint is not None else ENDPOINTS.get(request.path)
-
-
 def route() -> Guard:
-    """404 for any path but the two hooks, 405 for any method but POST; sets ``endpoint``."""
+    """404 for any path but the two hooks, 405 for any method but POST."""
 
     def guard(call: Call) -> None:
-        endpoint = endpoint_of(call.request)
-        if endpoint is None:
+        if call.endpoint == "other":  # Call looked the path up (pipeline.ENDPOINTS)
             raise _NOT_FOUND()
         if call.request.method != "POST":
             raise _NOT_POST()
-        call.endpoint = endpoint
 
     return guard
 
