@@ -201,6 +201,19 @@ class Harness:
         self.procs.append(p)
         return p
 
+    def run_client(
+        self, name: str, argv: list[str], cpu: int, timeout: float
+    ) -> tuple[Proc, bytes]:
+        """Run a load generator to its end; its stdout (empty if it overran ``timeout``)."""
+        p = self.spawn(name, argv, cpu=cpu, stdout_pipe=True, log_name=f"{name}.log")
+        try:
+            out, _ = p.popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            out = b""
+        finally:
+            self.stop(p)
+        return p, out
+
     def stop(self, p: Proc, timeout: float = 5.0) -> None:
         pgid = p.pid
         members = group_pids(pgid)
@@ -361,9 +374,11 @@ def resolve_sidecar(
     return None, {}, "; ".join(reasons)
 
 
-def start_runtime(h: Harness, args: argparse.Namespace, ports: set[int]) -> Target:
+def start_runtime(
+    h: Harness, args: argparse.Namespace, ports: set[int], work_us: float = 0.0
+) -> Target:
+    """The bench runtime on the server core; ``work_us`` of CPU burnt per call."""
     sock = h.tmp / "rt.sock"
-    work_us = getattr(args, "runtime_work_us", 0.0)  # bench/soak.py has no such option
     port = free_port(ports)
     p = h.spawn(
         "runtime",
@@ -689,9 +704,7 @@ class Bench:
                     sum(cores1[cpu][i] - cores0[cpu][i] for cpu in cpus) for i in range(3)
                 )
                 data[f"{label}_core_busy_pct"] = round(100 * busy / total, 1) if total else None
-                data[f"{label}_core_steal_pct"] = (
-                    round(100 * steal / total, 1) if total else None
-                )
+                data[f"{label}_core_steal_pct"] = round(100 * steal / total, 1) if total else None
                 other = busy / CLK_TCK - ours[label]
                 data[f"{label}_core_other_pct"] = (
                     max(0.0, round(100 * other * CLK_TCK / total, 1)) if total else None
@@ -745,13 +758,7 @@ class Bench:
             body,
             *([expect.code] if expect.code else []),
         ]
-        p = self.h.spawn("wrk", argv, cpu=a.client_cpu, stdout_pipe=True, log_name="wrk.log")
-        try:
-            out, _ = p.popen.communicate(timeout=secs + 30)
-        except subprocess.TimeoutExpired:
-            out = b""
-        finally:
-            self.h.stop(p)
+        p, out = self.h.run_client("wrk", argv, a.client_cpu, timeout=secs + 30)
         flags: list[str] = []
         line = next(
             (
@@ -807,15 +814,7 @@ class Bench:
             "--warmup",
             "1",
         ]
-        p = self.h.spawn(
-            "loadgen", argv, cpu=a.client_cpu, stdout_pipe=True, log_name="loadgen.log"
-        )
-        try:
-            out, _ = p.popen.communicate(timeout=duration + 40)
-        except subprocess.TimeoutExpired:
-            out = b""
-        finally:
-            self.h.stop(p)
+        p, out = self.h.run_client("loadgen", argv, a.client_cpu, timeout=duration + 40)
         try:
             d = json.loads(out.decode())
         except ValueError:
@@ -1292,7 +1291,7 @@ def main() -> int:
     rc = 0
     try:
         log(f"temp dir {h.tmp}")
-        runtime = start_runtime(h, args, ports)
+        runtime = start_runtime(h, args, ports, args.runtime_work_us)
         targets["direct"] = runtime
         if "nginx" in needed:
             targets["nginx"] = start_nginx(h, args, ports, secret)
