@@ -130,32 +130,27 @@ def proxy_doc(runtime: Runtime, **sidecar: Any) -> dict[str, Any]:
     return base_doc(runtime.path, trustedProxies=["127.0.0.1/32"], **sidecar)
 
 
-async def test_spoofed_header_from_an_untrusted_peer_changes_nothing(
-    make_sidecar: Any, runtime: Runtime
+@pytest.mark.parametrize(
+    ("source", "chain", "client"),
+    [
+        # An untrusted peer's header changes nothing: the runtime is told the TCP peer.
+        ("127.0.0.2", "10.0.0.1, 198.51.100.7", "127.0.0.2"),
+        # From the trusted proxy: the right-most untrusted hop, not the spoofed 6.6.6.6.
+        ("127.0.0.1", "6.6.6.6, 198.51.100.7, 127.0.0.1", "198.51.100.7"),
+    ],
+    ids=["untrusted-peer", "trusted-proxy"],
+)
+async def test_the_client_address_reaching_the_runtime_and_the_audit_log(
+    make_sidecar: Any, runtime: Runtime, source: str, chain: str, client: str
 ) -> None:
     sc = await make_sidecar(proxy_doc(runtime))
     url = str(sc.client.make_url("/hooks/wake"))
-    spoof = {"X-Forwarded-For": "10.0.0.1, 198.51.100.7"}
-    status, _, body = await post(url, headers=spoof, source="127.0.0.2")
+    status, _, body = await post(url, headers={"X-Forwarded-For": chain}, source=source)
     assert status == 200, body
     [call] = runtime.calls
-    assert call["forwardedFor"] == "127.0.0.2"  # the runtime is told the TCP peer
+    assert call["forwardedFor"] == client
     [entry] = sc.audit.entries()
-    assert entry["clientIp"] == "127.0.0.2"
-
-
-async def test_trusted_proxy_gives_the_right_most_untrusted_hop(
-    make_sidecar: Any, runtime: Runtime
-) -> None:
-    sc = await make_sidecar(proxy_doc(runtime))
-    url = str(sc.client.make_url("/hooks/wake"))
-    chain = {"X-Forwarded-For": "6.6.6.6, 198.51.100.7, 127.0.0.1"}
-    status, _, body = await post(url, headers=chain, source="127.0.0.1")
-    assert status == 200, body
-    [call] = runtime.calls
-    assert call["forwardedFor"] == "198.51.100.7"  # not the spoofed 6.6.6.6, not the proxy
-    [entry] = sc.audit.entries()
-    assert entry["clientIp"] == "198.51.100.7"
+    assert entry["clientIp"] == client
 
 
 async def test_malformed_chain_from_a_proxy_is_unknown(make_sidecar: Any, runtime: Runtime) -> None:
