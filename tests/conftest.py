@@ -31,6 +31,19 @@ SECRET = "8f3a1c2e9b7d4f6a0c5e8b1d3f7a9c2e4b6d8f0a1c3e5b7d9f2a4c6e8b0d1f3a"
 OTHER_SECRET = "1b3d5f7a9c0e2a4c6e8b0d2f4a6c8e0b1d3f5a7c9e2b4d6f8a0c1e3b5d7f9a2c"
 AGENT = "my-agent"
 
+# The example config of the seed's webhook document, as users paste it; its secret
+# goes in with ``SEED_EXAMPLE % secret``.
+SEED_EXAMPLE = """{
+  webhooks: {
+    enabled: true,
+    secret: "%s",
+    agents: {
+      "daily-report-agent": { sessionKey: "report-session" },
+      "alert-handler": { sessionKey: "alert-session" },
+    },
+  },
+}"""
+
 
 def terminate(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int | None:
     """SIGTERM a child and wait for it; SIGKILL if it does not go in ``timeout``."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SECRET, base_doc, write_config
+from conftest import SECRET, SEED_EXAMPLE, base_doc, write_config
 
 from sidecar import cli, config
 from sidecar.certs import write_demo_pki
@@ -183,16 +183,7 @@ def test_problems_are_exit_2_one_per_line(run: Any, short_tmp: Path) -> None:
 
 
 def test_the_seeds_example_with_its_weak_secret_is_refused(run: Any) -> None:
-    seed = """{
-      webhooks: {
-        enabled: true,
-        secret: "your-secret-key-here",
-        agents: {
-          "daily-report-agent": { sessionKey: "report-session" },
-          "alert-handler": { sessionKey: "alert-session" },
-        },
-      },
-    }"""
+    seed = SEED_EXAMPLE % "your-secret-key-here"
     code, lines = run(seed)
     assert code == 2
     assert any("shorter than minSecretLength" in line for line in lines)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import OTHER_SECRET, SECRET
+from conftest import OTHER_SECRET, SECRET, SEED_EXAMPLE
 
 from sidecar import config
 from sidecar.certs import write_demo_pki
@@ -29,19 +29,7 @@ def minimal(**webhooks: Any) -> dict[str, Any]:
 
 
 def test_the_seeds_example_loads_unchanged_with_a_strong_secret() -> None:
-    text = (
-        """{
-      webhooks: {
-        enabled: true,
-        secret: "%s",
-        agents: {
-          "daily-report-agent": { sessionKey: "report-session" },
-          "alert-handler": { sessionKey: "alert-session" },
-        },
-      },
-    }"""
-        % STRONG
-    )
+    text = SEED_EXAMPLE % STRONG
     settings = loads(text)
     assert settings.webhooks.enabled
     assert settings.webhooks.agents["alert-handler"].session_key == "alert-session"
