@@ -96,7 +96,7 @@ LOCKED_DURATION = "24h"  # longer than any benchmark
 
 def _refusal(description: str, expect: Expect, *, prepare_bad_calls: int = 0) -> Variant:
     """One scenario only, every call refused before bearer auth. It sends the
-    right token: the refusal must not depend on the token (SPEC §3)."""
+    right token: the refusal must not depend on the token (docs/http-api.md)."""
     load = Load("", "good", expect, (VS_FLOOR,))
     return Variant(description, (load,), latency=False, prepare_bad_calls=prepare_bad_calls)
 

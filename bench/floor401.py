@@ -2,7 +2,7 @@
 
 A bare aiohttp web.Application with one catch-all route that answers 401 with
 a small JSON body of the same shape as the sidecar's refusal (and the
-WWW-Authenticate header SPEC section 3 asks for). No auth check, no request
+WWW-Authenticate header docs/http-api.md asks for). No auth check, no request
 id, no logging: the least an aiohttp server can do to refuse a request. The
 sidecar's refusal throughput is compared to this (target >= 0.9).
 

@@ -111,7 +111,8 @@ def cpu_seconds() -> float:
 
 
 async def run(args: argparse.Namespace, tmp: Path) -> None:
-    from sidecar import config, logs, server
+    from sidecar import config, logs
+    from sidecar.process import server
     from sidecar.metrics import Metrics
 
     secret = secrets.token_hex(32)

@@ -20,8 +20,8 @@ import ipaddress
 import time
 import tracemalloc
 
-from sidecar.config import Lockout
 from sidecar.guards.lockout import LockoutTable
+from sidecar.settings import Lockout
 
 POLICY = Lockout()  # the defaults: 10 failures in 60 s, locked for 300 s
 BASE = int(ipaddress.IPv4Address("10.0.0.0"))

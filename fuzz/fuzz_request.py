@@ -5,7 +5,7 @@ that parse it: the JSON body (``guards.body.decode_object`` / ``validate_fields`
 the ``Authorization`` header (``guards.auth.parse_bearer``) and the addresses a
 peer or proxy writes (``guards.clientip.parse_address`` / ``resolve``). The first
 byte of an input picks the target, the rest is its input. A finding is any
-exception other than the SPEC refusal the function is allowed to raise, or a
+exception other than the documented refusal the function is allowed to raise, or a
 broken invariant (an ``AssertionError``).
 
     python fuzz/fuzz_request.py -max_total_time=60 fuzz/corpus      # atheris
@@ -25,11 +25,13 @@ if __name__ == "__main__":  # instrument what is fuzzed, so libFuzzer sees its b
     import atheris
 
     with atheris.instrument_imports(include=["sidecar"]):
+        from sidecar.call import Reject
+
         from sidecar.guards import auth, body, clientip
-        from sidecar.pipeline import Reject
 else:
+    from sidecar.call import Reject
+
     from sidecar.guards import auth, body, clientip
-    from sidecar.pipeline import Reject
 
 TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))
 MAX_MESSAGE = 64

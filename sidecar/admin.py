@@ -1,4 +1,4 @@
-"""The admin listener (SPEC §5): ``/metrics``, ``/healthz``, ``/readyz``. Never on the public port.
+"""The admin listener (docs/admin.md): ``/metrics``, ``/healthz``, ``/readyz``; never public.
 
 Readiness is cached for a moment and concurrent probes share one check: a burst
 of probes and scrapes costs one connection attempt to the runtime, not one each.
@@ -93,7 +93,7 @@ async def readyz(request: web.Request) -> web.Response:
 def secret_expiry_watch(interval: float) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context that logs an error every ``interval`` seconds while no configured
     secret is valid (all expired or not yet valid): every call is then refused with 401,
-    and the log says why (SPEC §6). It wakes at the next ``notAfter``/``notBefore`` too,
+    and the log says why (docs/metrics.md). It wakes at the next ``notAfter``/``notBefore`` too,
     so the first error comes when the last secret expires, not up to a minute later."""
 
     async def watch(state: State) -> None:

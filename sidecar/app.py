@@ -17,7 +17,7 @@ from functools import partial
 
 from aiohttp import web
 
-from .config import Settings
+from .call import Call, Guard, Reject, new_request_id
 from .guards.agents import agent_lookup, session_key_policy
 from .guards.allowlist import ip_allowlist
 from .guards.auth import bearer_auth
@@ -30,8 +30,8 @@ from .guards.routing import no_token_in_query, route
 from .limiter import Limiter, open_limiter
 from .logs import AuditLog
 from .metrics import Metrics
-from .pipeline import Call, Guard, Reject, new_request_id
 from .responses import INTERNAL_ERROR, error_response, ok_response
+from .settings import Settings
 from .upstream import make_forwarder, make_pool
 from .upstream.base import BaseForwarder
 from .upstream.pool import Pool
@@ -40,7 +40,7 @@ log = logging.getLogger("sidecar")
 
 
 def pipeline(settings: Settings, state: State, limiter: Limiter) -> list[Guard]:
-    """The guard chain, in SPEC §3 order: cheap, unauthenticated checks first, and
+    """The guard chain, in docs/http-api.md order: cheap, unauthenticated checks first, and
     nothing about agents revealed before authentication. ``None`` entries are
     controls the config leaves off."""
     guards = [
@@ -216,7 +216,7 @@ async def handle(state: State, request: web.BaseRequest) -> web.StreamResponse:
 
 
 def _finish(state: State, call: Call, status: int, code: str | None) -> None:
-    """Metrics and the one audit line (SPEC §7) of a finished call."""
+    """Metrics and the one audit line (docs/audit-log.md) of a finished call."""
     duration = time.perf_counter() - call.started
     metrics = state.metrics
     metrics.observe(call.endpoint, status, code, duration)
@@ -239,6 +239,7 @@ def _finish(state: State, call: Call, status: int, code: str | None) -> None:
         code,
         secret.id if secret is not None else None,
         duration,
+        call.audit_extra,
     )
     if secret is not None:  # every authenticated use: what a rotation watches fall to zero
         metrics.authenticated(secret.id)

@@ -1,4 +1,4 @@
-"""``webhook-sidecar``: commands -> settings -> run (SPEC §1).
+"""``webhook-sidecar``: commands -> settings -> run (docs/cli.md).
 
 Exit codes: 0 success (also after a SIGTERM drain); 2 bad config, missing or
 unreadable config file, bad arguments, or ``check-config --strict`` with
@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import config
+from .secrets import generate_secret
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 CONFIG_ENV = "WEBHOOK_SIDECAR_CONFIG"
-
-
-def gen_secret() -> str:
-    """32 random bytes as 64 hex characters, like ``openssl rand -hex 32``."""
-    return secrets.token_hex(32)
 
 
 def _config_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
@@ -34,13 +28,13 @@ def _config_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> P
 
 
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .server import run
+    from .process.main import run
 
     return run(_config_path(args, parser))
 
 
 def cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .workers import run_worker
+    from .process.workers import run_worker
 
     return run_worker(Path(args.config), args.index, args.port, args.admin_socket, args.supervisor)
 
@@ -63,7 +57,7 @@ def cmd_check_config(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 
 def cmd_gen_secret(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    print(gen_secret())
+    print(generate_secret())
     return EXIT_OK
 
 
@@ -138,25 +132,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args, parser))
     except KeyboardInterrupt:
         return EXIT_OK
-
-
-def curl_examples(base_url: str, secret: str) -> list[str]:
-    """The seed's calls, ready to paste."""
-    auth = shlex.quote(f"Authorization: Bearer {secret}")
-    json_type = "'Content-Type: application/json'"
-
-    def curl(path: str, body: str) -> str:
-        return f"curl -sS -X POST {base_url}{path} -H {auth} -H {json_type} -d {shlex.quote(body)}"
-
-    return [
-        curl("/hooks/wake", '{"agent": "my-agent"}'),
-        curl(
-            "/hooks/agent",
-            '{"agent": "my-agent", "message": "Deployed v1.2.3 to production, check the service"}',
-        ),
-        curl(
-            "/hooks/agent",
-            '{"agent": "my-agent", "message": "Order 1234 failed to ship", '
-            '"sessionKey": "order-1234"}',
-        ),
-    ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import socket
 import sys
 import tempfile
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from . import config, devruntime, logs
-from .cli import curl_examples, gen_secret
 from .metrics import Metrics
-from .server import Server, install_uvloop
+from .process.server import Server
+from .process.tuning import install_uvloop
+from .secrets import generate_secret
+from .settings import Settings
 
 
 def _free_port() -> int:
@@ -65,7 +68,7 @@ def show_call(entry: dict[str, Any]) -> None:
     print("runtime received: " + json.dumps(fields), flush=True)
 
 
-async def _demo(settings: config.Settings, audit: logs.AuditLog, secret: str) -> int:
+async def _demo(settings: Settings, audit: logs.AuditLog, secret: str) -> int:
     upstream_socket = settings.sidecar.upstream.socket
     assert upstream_socket is not None
     runtime = await devruntime.start(upstream_socket, show_call)
@@ -97,7 +100,7 @@ def run(port: int) -> int:
         )
         return 1
     with tempfile.TemporaryDirectory(prefix="whs-") as tmp:
-        secret = gen_secret()
+        secret = generate_secret()
         settings = config.load(write_config(Path(tmp), port, _free_port(), secret))
         writer, audit = logs.setup("warning", "text")
         install_uvloop()
@@ -108,3 +111,25 @@ def run(port: int) -> int:
             return 1
         finally:
             writer.close()
+
+
+def curl_examples(base_url: str, secret: str) -> list[str]:
+    """The seed's calls, ready to paste."""
+    auth = shlex.quote(f"Authorization: Bearer {secret}")
+    json_type = "'Content-Type: application/json'"
+
+    def curl(path: str, body: str) -> str:
+        return f"curl -sS -X POST {base_url}{path} -H {auth} -H {json_type} -d {shlex.quote(body)}"
+
+    return [
+        curl("/hooks/wake", '{"agent": "my-agent"}'),
+        curl(
+            "/hooks/agent",
+            '{"agent": "my-agent", "message": "Deployed v1.2.3 to production, check the service"}',
+        ),
+        curl(
+            "/hooks/agent",
+            '{"agent": "my-agent", "message": "Order 1234 failed to ship", '
+            '"sessionKey": "order-1234"}',
+        ),
+    ]

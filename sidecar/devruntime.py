@@ -1,4 +1,4 @@
-"""The built-in reference runtime: accepts the forward protocol (SPEC §4) on a Unix socket.
+"""The built-in reference runtime: accepts the forward protocol (docs/upstream.md) on a Unix socket.
 
 For trials, the demo and tests, not production: it admits every well-formed
 call, answers ``{"ok": true, "runId": ...}`` and reports each call it receives

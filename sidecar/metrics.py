@@ -1,7 +1,7 @@
-"""Every metric of SPEC §6, in one place, on an injected registry.
+"""Every metric of docs/metrics.md, in one place, on an injected registry.
 
 Label values come only from bounded sets: endpoints, status codes the sidecar
-itself answers, the SPEC §3 error codes, configured secret ids. Nothing a
+itself answers, the docs/http-api.md error codes, configured secret ids. Nothing a
 client sends (address, path, token, an upstream's status) can become a label:
 a status outside :data:`STATUSES` is counted as ``code="other"``. Counters for
 the known label values are created up front so dashboards show zeros, not gaps.
@@ -29,7 +29,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
 
-from .config import Settings
+from .settings import Settings
 
 # ``*_created`` samples would double the output; the text format Prometheus scrapes
 # reads them as unrelated gauges. (A process-wide switch of prometheus_client.)
@@ -44,7 +44,7 @@ ERROR_CODES = (
     "invalid_request", "agent_not_found", "agent_not_permitted", "session_key_not_allowed",
     "upstream_error", "upstream_unavailable", "upstream_timeout", "internal_error",
 )  # fmt: skip
-# Every status the public API answers with (SPEC §3). Upstream statuses are mapped
+# Every status the public API answers with (docs/http-api.md). Upstream statuses are mapped
 # to 502/503/504 by the forwarder, so none of them can reach this label directly.
 STATUSES = (200, 400, 401, 403, 404, 405, 408, 413, 415, 429, 500, 502, 503, 504)
 OTHER_STATUS = "other"
@@ -181,7 +181,7 @@ class Metrics:
             ENDPOINTS, r,
         )  # fmt: skip
         self.rejections = Counts(
-            p + "rejections_total", "Requests refused, by SPEC error code.", ("reason",),
+            p + "rejections_total", "Requests refused, by error code.", ("reason",),
             [(c,) for c in ERROR_CODES], r,
         )  # fmt: skip
         self.auth_success = Counts(
@@ -203,7 +203,7 @@ class Metrics:
         self.in_flight = Gauge(
             p + "in_flight_requests", "Requests being handled on the public listener.", registry=r
         )
-        # Not in SPEC §6: how many calls went through unchecked while the shared
+        # Not in docs/metrics.md: how many calls went through unchecked while the shared
         # limiter was down (rateLimit.failOpen: true).
         self.limiter_fail_open = Counter(
             p + "limiter_fail_open_total",
@@ -243,7 +243,7 @@ class Metrics:
 
     def observe(self, endpoint: str, status: int, code: str | None, seconds: float) -> None:
         """One finished request on the public listener."""
-        # A status outside SPEC §3 must never become a label value of its own.
+        # A status outside docs/http-api.md must never become a label value of its own.
         key = (endpoint, self._status.get(status, OTHER_STATUS))
         self._requests[key] = self._requests.get(key, 0.0) + 1
         self._durations[endpoint].observe(seconds)

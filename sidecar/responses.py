@@ -1,11 +1,11 @@
-"""Responses of the public API (SPEC §3), written with as little work as possible.
+"""Responses of the public API (docs/http-api.md), written with as little work as possible.
 
 Every reply of the public listener is a small JSON document with a handful of
 headers that this module knows in advance. :class:`JsonReply` therefore writes
 its whole head in one formatted string and skips aiohttp's general response
 machinery (a header multidict, content-type parsing, per-header validation and
 serialisation, the compression and chunking branches): about a third of the
-cost of a refusal on the framework's own path (README, "Performance").
+cost of a refusal on the framework's own path (docs/performance.md).
 
 Error bodies differ only in their request id, so each (code, message) pair is
 serialised once and the id is spliced in; request ids are restricted to
@@ -28,7 +28,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .pipeline import Reject
+from .call import Reject
 
 _quote = json.encoder.encode_basestring_ascii  # what json.dumps uses for str
 _REASONS = {s.value: s.phrase for s in HTTPStatus}

@@ -7,12 +7,18 @@ printed (repr, str, error messages) shows the id and the source, never the value
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from dataclasses import dataclass, field
 
 # Far above any real secret or token; a path pointing at /dev/zero or a log file
 # must fail the load, not fill memory.
 MAX_SECRET_FILE_BYTES = 64 * 1024
+
+
+def generate_secret() -> str:
+    """32 random bytes as 64 hex characters, like ``openssl rand -hex 32``."""
+    return secrets.token_hex(32)
 
 
 class SecretSourceError(ValueError):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from .secrets import SecretSourceError, read_small_file
 
 if TYPE_CHECKING:
-    from .config import Tls
+    from .settings import Tls
 
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 MAX_PEM_BYTES = 1024 * 1024

@@ -1,4 +1,4 @@
-"""The admin listener (SPEC §5): /metrics, /healthz, /readyz over real sockets, the cached
+"""The admin listener (docs/admin.md): /metrics, /healthz, /readyz over real sockets, the cached
 upstream probe, the expired-secrets error, and the real process's /metrics after mixed traffic."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from clients import post
-from conftest import (
+from support.clients import post
+from support.common import (
     AGENT,
     OTHER_SECRET,
     SECRET,
@@ -24,7 +24,7 @@ from conftest import (
     free_port,
     write_config,
 )
-from scrape import Scrape
+from support.scrape import Scrape
 
 from sidecar.admin import NO_VALID_SECRET, create_admin_app
 from sidecar.app import State

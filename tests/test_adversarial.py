@@ -1,6 +1,6 @@
-"""Hostile requests as raw bytes over real sockets (SPEC §3 "Hardening details").
+"""Hostile requests as raw bytes over real sockets (docs/http-api.md "Hardening details").
 
-Every case states what the client gets — a SPEC §3 code with the JSON error body,
+Every case states what the client gets — a docs/http-api.md code with the JSON error body,
 or the bare 400/413/431 the HTTP layer may give for broken framing — and how many
 calls the runtime (the ``runtime`` fixture records each one) must have seen: only
 requests that are valid reach it. Path variants are either refused or decoded to a
@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AGENT, SECRET, Runtime, Sidecar, base_doc, free_port, write_config
-from rawhttp import RawResponse, chunked, exchange, request
+from support.common import AGENT, SECRET, Runtime, Sidecar, base_doc, free_port, write_config
+from support.rawhttp import RawResponse, chunked, exchange, request
 
 AUTH = ("Authorization", f"Bearer {SECRET}")
 JSON_TYPE = ("Content-Type", "application/json")

@@ -1,5 +1,5 @@
-"""The public API end to end (SPEC §3): real loopback sockets in front of the reference
-runtime on a real Unix socket. One test per error path, in the order SPEC checks them."""
+"""The public API end to end (docs/http-api.md): real loopback sockets in front of the reference
+runtime on a real Unix socket. One test per error path, in the order docs/http-api.md checks them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import AGENT, OTHER_SECRET, SECRET, Runtime, Sidecar, base_doc
+from support.common import AGENT, OTHER_SECRET, SECRET, Runtime, Sidecar, base_doc
 
 AGENT_BODY = {"agent": AGENT, "message": "Deployed v1.2.3, check the service"}
 
@@ -553,7 +553,7 @@ async def test_refused_and_forwarded_requests_leave_nothing_behind(sidecar: Side
     it and kept each refused request's frames (and its Call) alive, several KiB each."""
     import gc
 
-    from sidecar.pipeline import Call
+    from sidecar.call import Call
 
     for _ in range(50):
         await sidecar.post("/hooks/agent", AGENT_BODY, token="wrong-" + "x" * 40)
@@ -566,7 +566,7 @@ async def test_refused_and_forwarded_requests_leave_nothing_behind(sidecar: Side
 async def test_a_bug_in_the_chain_is_500_internal_error_without_its_detail(
     sidecar: Sidecar, runtime: Runtime
 ) -> None:
-    """SPEC §3 internal_error: the detail goes to the log, not the response."""
+    """docs/http-api.md internal_error: the detail goes to the log, not the response."""
     import dataclasses
 
     def broken(call: Any) -> None:

@@ -1,4 +1,4 @@
-"""The command line (SPEC §1) as users run it: real processes, real exit codes."""
+"""The command line (docs/cli.md) as users run it: real processes, real exit codes."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AGENT, SECRET, base_doc, free_port, write_config
+from support.common import AGENT, SECRET, base_doc, free_port, write_config
 
 CLI = [sys.executable, "-m", "sidecar"]
 

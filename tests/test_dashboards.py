@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import SECRET, base_doc, write_config
+from support.common import SECRET, base_doc, write_config
 
 from sidecar import config
 from sidecar.metrics import ENDPOINTS, ERROR_CODES, RELOAD_RESULTS, STATUSES, Metrics
@@ -158,7 +158,7 @@ def test_dashboard_references_only_exported_metrics(live: dict[str, set[str]]) -
     used = set()
     for expr in dashboard_exprs():
         used |= check(expr, live)
-    # Every SPEC §6 metric has a panel.
+    # Every docs/metrics.md metric has a panel.
     for metric in (
         "requests_total", "request_duration_seconds_bucket", "upstream_duration_seconds_bucket",
         "rejections_total", "auth_success_total", "secret_not_after_timestamp_seconds",

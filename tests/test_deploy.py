@@ -156,7 +156,7 @@ def config(config_text: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------
-# Small helpers with the semantics Kubernetes and the SPEC give these fields
+# Small helpers with the semantics Kubernetes and docs/configuration.md give these fields
 # --------------------------------------------------------------------------
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
@@ -164,7 +164,7 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def duration_seconds(value: Any) -> float:
-    """SPEC section 2: seconds as a number, or "500ms", "30s", "5m", "1h"."""
+    """docs/configuration.md: seconds as a number, or "500ms", "30s", "5m", "1h"."""
     if isinstance(value, bool):
         raise ValueError(f"not a duration: {value!r}")
     if isinstance(value, int | float):
@@ -607,10 +607,10 @@ def test_disruption_budget_allows_one_eviction(
 
 
 # --------------------------------------------------------------------------
-# The ConfigMap's config.json5 against SPEC section 2
+# The ConfigMap's config.json5 against docs/configuration.md
 # --------------------------------------------------------------------------
 
-# Key names from SPEC section 2. A dict is an object with exactly these keys
+# Key names from docs/configuration.md. A dict is an object with exactly these keys
 # allowed; ANY_NAME maps user-chosen names to a schema; a list holds objects.
 ANY_NAME = "*"
 LEAF = None
@@ -670,7 +670,7 @@ SPEC_KEYS: dict[str, Any] = {
 
 
 def unknown_keys(value: Any, schema: Any, path: str = "") -> list[str]:
-    """Key paths in `value` that SPEC section 2 does not name."""
+    """Key paths in `value` that docs/configuration.md does not name."""
     if schema is LEAF:
         return []
     if isinstance(schema, list):
@@ -743,7 +743,7 @@ def test_config_secrets_are_current_and_previous_files(config: dict[str, Any]) -
 def _check_config(
     config_text: str, tmp_path: Path, values: dict[str, str]
 ) -> CompletedProcess[str]:
-    """Run the product's own validator (SPEC section 1) on the ConfigMap's config,
+    """Run the product's own validator (docs/cli.md) on the ConfigMap's config,
     with the secret files it names pointed at files holding `values`."""
     if (
         importlib.util.find_spec("sidecar.cli") is None

@@ -3,7 +3,7 @@ reference runtime (``webhook-sidecar dev-runtime``, killed and restarted), a rea
 ``redis-server`` (stopped and started), config reloads every second.
 
 What each test holds the sidecar to: every call gets a full response — 200, or a
-clean refusal with its SPEC §3 code and ``Retry-After`` — none hangs past the
+clean refusal with its docs/http-api.md code and ``Retry-After`` — none hangs past the
 bound that applies, and every 200 reached the runtime (its request id is among
 the calls the runtime printed). The counts of calls under each fault are printed.
 """
@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from clients import listening_doc
-from conftest import AGENT, OTHER_SECRET, SECRET, serve_unix
-from load import Result, RuntimeProcess, run_load, summary
-from redis_server import running_redis_server
+from support.clients import listening_doc
+from support.common import AGENT, OTHER_SECRET, SECRET, serve_unix
+from support.load import Result, RuntimeProcess, run_load, summary
+from support.redis_server import running_redis_server
 
 pytestmark = pytest.mark.slow
 

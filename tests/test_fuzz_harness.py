@@ -81,7 +81,7 @@ def test_the_seed_corpus_passes() -> None:
 
 
 def test_a_broken_parser_is_a_finding(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The harness is not a catch-all: an exception the SPEC does not allow escapes."""
+    """The harness is not a catch-all: an exception the contract does not allow escapes."""
 
     def broken(data: bytes) -> dict[str, object]:
         raise KeyError("agent")

@@ -1,12 +1,12 @@
-"""Property: for any request, the guard chain answers exactly what SPEC §3 says, in the
-SPEC's body shape with a matching ``X-Request-Id``, and the runtime sees a call only
+"""Property: for any request, the guard chain answers exactly what docs/http-api.md says, in the
+the documented body shape with a matching ``X-Request-Id``, and the runtime sees a call only
 when the request is valid — and then exactly the call it asked for.
 
 Requests are generated as raw bytes (paths, methods, zero to two Authorization
 headers, content types, Idempotency-Key, X-Request-Id, JSON bodies mixing valid and
 wrong fields, non-JSON bodies) and sent over a real socket to the sidecar in front of
-the reference runtime. :func:`expected` is an independent reading of SPEC §3: the
-check order and each rule, written from the SPEC, not from the guards.
+the reference runtime. :func:`expected` is an independent reading of docs/http-api.md: the
+check order and each rule, written from docs/http-api.md, not from the guards.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from conftest import OTHER_SECRET, SECRET, Runtime, Sidecar, base_doc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rawhttp import exchange, request
+from support.common import OTHER_SECRET, SECRET, Runtime, Sidecar, base_doc
+from support.rawhttp import exchange, request
 
 AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SESSION_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
@@ -176,7 +176,7 @@ requests = st.builds(
 )
 
 
-# ---------------------------------------------------------------- SPEC §3, read independently
+# ---------------------------------------------------------------- docs/http-api.md, read independently
 
 
 def expected(req: Req) -> tuple[int, str, dict[str, Any] | None]:

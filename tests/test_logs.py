@@ -1,4 +1,4 @@
-"""Logs and the audit log (SPEC §7): one line per request with the fixed keys, written off
+"""Logs and the audit log (docs/audit-log.md): one line per request with the fixed keys, written off
 the event loop without losing lines, and never a token, a secret or message text —
 checked over everything a real process writes during an attack-heavy run."""
 
@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clients import until
-from conftest import (
+from hypothesis import given
+from hypothesis import strategies as st
+from support.clients import until
+from support.common import (
     AGENT,
     OTHER_SECRET,
     SECRET,
@@ -30,8 +32,6 @@ from conftest import (
     free_port,
     write_config,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 from sidecar import logs
 from sidecar.logs import AUDIT_KEYS, AuditLog, LineWriter

@@ -1,4 +1,4 @@
-"""SPEC §6 metrics: names, types, labels, pre-initialised zeros, bounded label values,
+"""docs/metrics.md metrics: names, types, labels, pre-initialised zeros, bounded label values,
 and the values real traffic through the app leaves behind (read back with
 prometheus_client's own text parser)."""
 
@@ -15,19 +15,20 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import AGENT, OTHER_SECRET, SECRET, Runtime, base_doc, write_config
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from scrape import Scrape
+from support.common import AGENT, OTHER_SECRET, SECRET, Runtime, base_doc, write_config
+from support.scrape import Scrape
 
 from sidecar import config
 from sidecar.metrics import ENDPOINTS, ERROR_CODES, LATENCY_BUCKETS, STATUSES, Metrics
+from sidecar.settings import Settings
 
 SIDECAR_SRC = Path(__file__).resolve().parent.parent / "sidecar"
 P = "webhook_sidecar_"
 
-# SPEC §6, verbatim: family name -> (type, label names).
+# docs/metrics.md, verbatim: family name -> (type, label names).
 SPEC_METRICS = {
     P + "requests": ("counter", {"endpoint", "code"}),
     P + "request_duration_seconds": ("histogram", {"endpoint"}),
@@ -39,7 +40,7 @@ SPEC_METRICS = {
     P + "config_reloads": ("counter", {"result"}),
     P + "in_flight_requests": ("gauge", set()),
 }
-# SPEC §3: the status each error code is answered with.
+# docs/http-api.md: the status each error code is answered with.
 SPEC_STATUS = {
     "ip_not_allowed": 403, "locked_out": 429, "not_found": 404, "method_not_allowed": 405,
     "token_in_query": 400, "unauthorized": 401, "rate_limited": 429, "limiter_unavailable": 503,
@@ -51,7 +52,7 @@ SPEC_STATUS = {
 }  # fmt: skip
 
 
-def load(tmp: Path, doc: dict[str, Any]) -> config.Settings:
+def load(tmp: Path, doc: dict[str, Any]) -> Settings:
     return config.load(write_config(tmp, doc))
 
 
@@ -199,7 +200,7 @@ def test_every_reject_in_the_code_uses_a_spec_code_with_its_spec_status() -> Non
     for where, line, status, code in literals:
         if code is None:
             continue  # built from a variable (the Reject class itself)
-        assert code in SPEC_STATUS, f"{where}:{line}: {code!r} is not a SPEC §3 error code"
+        assert code in SPEC_STATUS, f"{where}:{line}: {code!r} is not a docs/http-api.md error code"
         if status is not None:
             assert status == SPEC_STATUS[code], (
                 f"{where}:{line}: {code} must be {SPEC_STATUS[code]}"

@@ -50,10 +50,11 @@ import json5
 import pytest
 import yarl
 from aiohttp import web
-from conftest import AGENT, SECRET, Runtime, base_doc, free_port, terminate, write_config
+from support.common import AGENT, SECRET, Runtime, base_doc, free_port, terminate, write_config
 
 from sidecar import config
 from sidecar.certs import write_demo_pki
+from sidecar.settings import Limits
 
 pytestmark = pytest.mark.nginx
 
@@ -389,7 +390,7 @@ async def test_a_locked_out_client_does_not_lock_out_another(
 
 async def test_the_body_cap_is_max_body_bytes(stack: Callable[..., Awaitable[Stack]]) -> None:
     s = await stack()
-    limit = config.Limits().max_body_bytes
+    limit = Limits().max_body_bytes
     small = json.dumps({"agent": AGENT, "message": "hi"}).encode()
     at_cap = small + b" " * (limit - len(small))  # trailing whitespace is valid JSON
 

@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
-from rawhttp import RawResponse, exchange, request
+from support.rawhttp import RawResponse, exchange, request
 
-from sidecar.pipeline import Reject
+from sidecar.call import Reject
 from sidecar.responses import error_response, ok_response
 
 RATE_LIMITED = Reject(429, "rate_limited", "slow down", {"Retry-After": "3"})

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SECRET, base_doc, write_config
+from support.common import SECRET, base_doc, write_config
 
 from sidecar import config
 from sidecar.secrets import MAX_SECRET_FILE_BYTES, Secret, SecretSource, SecretSourceError

@@ -12,7 +12,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from clients import (
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import generate_latest
+from support.clients import (
     ProjectedVolume,
     client_context,
     listening_doc,
@@ -23,11 +27,7 @@ from clients import (
     running_server,
     until,
 )
-from conftest import Runtime, base_doc, write_config
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from prometheus_client import generate_latest
+from support.common import Runtime, base_doc, write_config
 
 from sidecar import config
 from sidecar.certs import write_demo_pki

@@ -10,8 +10,8 @@ fallback to the default session.
 
 from __future__ import annotations
 
-from ..config import Settings
-from ..pipeline import Call, Guard, Reject
+from ..call import Call, Guard, Reject
+from ..settings import Settings
 
 
 def agent_lookup(settings: Settings) -> Guard:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..config import Settings
-from ..pipeline import Call, Guard, Reject
+from ..call import Call, Guard, Reject
+from ..settings import Settings
 from .clientip import in_networks
 
 _MAX_VERDICTS = 4096

@@ -16,8 +16,8 @@ import logging
 import time
 from functools import partial
 
-from ..config import Settings
-from ..pipeline import Call, Guard, Reject
+from ..call import Call, Guard, Reject
+from ..settings import Settings
 from .lockout import FailureRecorder
 
 log = logging.getLogger("sidecar.auth")

@@ -1,6 +1,6 @@
 """Request body: size, arrival time, media type, JSON syntax and the fields of each hook.
 
-In SPEC §3 order: 413 from ``Content-Length`` before a byte is read (and while
+In docs/http-api.md order: 413 from ``Content-Length`` before a byte is read (and while
 reading a chunked body), 408 when the body does not arrive within
 ``limits.bodyTimeout``, 415 unless ``application/json`` in UTF-8, 400
 ``invalid_json`` unless one JSON object without duplicate keys, NaN or
@@ -19,8 +19,8 @@ from typing import Any
 from aiohttp import ClientPayloadError, HttpVersion11
 from aiohttp.streams import EofStream
 
-from ..config import AGENT_NAME, SESSION_KEY, Settings
-from ..pipeline import Call, Guard, Reject
+from ..call import Call, Guard, Reject
+from ..settings import AGENT_NAME, SESSION_KEY, Settings
 
 FIELDS = {
     "wake": {"agent": True, "sessionKey": False},
@@ -132,6 +132,7 @@ def _check_idempotency_key(call: Call) -> None:
             f"header 'Idempotency-Key' must be 1 to {IDEMPOTENCY_KEY_MAX} "
             "printable ASCII characters"
         )
+    call.idempotency_key = key
 
 
 def json_body(settings: Settings) -> Guard:

@@ -16,8 +16,8 @@ import ipaddress
 from collections.abc import Sequence
 from functools import lru_cache
 
-from ..config import IPAddress, IPNetwork, Settings
-from ..pipeline import Call, Guard
+from ..call import Call, Guard
+from ..settings import IPAddress, IPNetwork, Settings
 
 UNKNOWN = "unknown"
 # The longest spelling of an address a peer or proxy writes: "[" v6-with-v4-tail "]:65535".

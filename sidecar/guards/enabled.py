@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..config import Settings
-from ..pipeline import Call, Guard, Reject
+from ..call import Call, Guard, Reject
+from ..settings import Settings
 
 _DISABLED = partial(
     Reject, 503, "webhooks_disabled", "webhooks are disabled in the sidecar's config"

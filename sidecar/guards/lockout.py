@@ -28,10 +28,10 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable
 
-from ..config import Lockout, Settings
-from ..pipeline import Call, Guard, Reject
+from ..call import Call, Guard, Reject
+from ..settings import Lockout, Settings
 
-# About 15 MB for both tables at their worst (README "Threat model": bench/lockout_memory.py),
+# About 15 MB for both tables at their worst (docs/threat-model.md; bench/lockout_memory.py),
 # so a flood of addresses leaves the whole process near its usual size. More would
 # not buy security: whoever makes 25k addresses fail within one window has 25k
 # addresses, each with maxFailures guesses, whatever the table remembers.

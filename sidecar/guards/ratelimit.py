@@ -1,7 +1,7 @@
 """Rate limits and back-pressure: ``sidecar.rateLimit`` and each agent's ``rateLimit`` /
 ``maxConcurrent``.
 
-Two guards, at two places of the chain (SPEC §3):
+Two guards, at two places of the chain (docs/http-api.md):
 
 - :func:`client_limits` right after bearer auth (only authenticated requests
   count; unauthenticated ones are the lockout's job): the per-IP bucket (IPv6
@@ -26,11 +26,11 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
-from ..config import Settings
+from ..call import Call, Guard, Reject
 from ..limiter import Check, Decision, Limiter, LimiterUnavailable, MemoryLimiter, Policy
 from ..limiter.base import next_token_in, remaining, wait_for, whole_seconds
 from ..metrics import Metrics
-from ..pipeline import Call, Guard, Reject
+from ..settings import Settings
 from .lockout import client_key
 
 RETRY_AFTER_UNAVAILABLE = "5"

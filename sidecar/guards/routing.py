@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..pipeline import Call, Guard, Reject
+from ..call import Call, Guard, Reject
 
 _NOT_FOUND = partial(
     Reject, 404, "not_found", "no such endpoint; use POST /hooks/wake or /hooks/agent"
@@ -28,7 +28,7 @@ def route() -> Guard:
     """404 for any path but the two hooks, 405 for any method but POST."""
 
     def guard(call: Call) -> None:
-        if call.endpoint == "other":  # Call looked the path up (pipeline.ENDPOINTS)
+        if call.endpoint == "other":  # Call looked the path up (call.ENDPOINTS)
             raise _NOT_FOUND()
         if call.request.method != "POST":
             raise _NOT_POST()

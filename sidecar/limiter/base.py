@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ..config import RateLimit
+from ..settings import RateLimit
 
 
 @dataclass(frozen=True, slots=True)

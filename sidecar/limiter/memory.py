@@ -1,7 +1,7 @@
 """The ``memory`` backend: buckets in this process, bounded.
 
 Per process: two replicas (or two processes) each have the whole budget. Use
-the Redis backend to share one budget (README "Rate limits").
+the Redis backend to share one budget (docs/deployment.md).
 
 Memory stays bounded however many clients call: a bucket that has filled up
 again is the same as no bucket, so such entries are swept (at most every

@@ -7,7 +7,7 @@ as one config.
 
 from __future__ import annotations
 
-from ..config import Settings
+from ..settings import Settings
 from .base import BaseForwarder
 from .forward import Forwarder
 from .openclaw import OpenClawForwarder

@@ -1,10 +1,10 @@
 """What every forwarder shares: one exchange with the runtime under ``upstream.timeout``,
-transport failures mapped to SPEC §3 codes, and the small helpers for building
+transport failures mapped to docs/http-api.md codes, and the small helpers for building
 requests and reading replies.
 
-A forwarder turns a validated :class:`~sidecar.pipeline.Call` into request bytes
+A forwarder turns a validated :class:`~sidecar.call.Call` into request bytes
 (``build``), sends them through the pool (``send``) and maps the reply (``reply``)
-to a runId or a :class:`~sidecar.pipeline.Reject`. Each protocol module
+to a runId or a :class:`~sidecar.call.Reject`. Each protocol module
 (``forward``, ``openclaw``) supplies ``build`` and ``reply``; the transport side
 is the same for both: no reply within the timeout is 504, no connection is 503,
 an unparseable reply is 502.
@@ -16,8 +16,8 @@ import asyncio
 import json
 import logging
 
-from ..config import Settings
-from ..pipeline import Call, Reject
+from ..call import Call, Reject
+from ..settings import Settings
 from .pool import Pool, Response, UpstreamConnectError, UpstreamProtocolError
 
 log = logging.getLogger("sidecar.upstream")
@@ -75,8 +75,9 @@ def header_value(value: bytes) -> str:
 
 
 def idempotency_key(call: Call) -> list[tuple[str, str]]:
-    """The client's ``Idempotency-Key`` header (validated by the body guard), if it sent one."""
-    key = call.request.headers.get("Idempotency-Key")
+    """The call's ``Idempotency-Key``: the client's (validated by the body guard), or the
+    one a route made from the sender's delivery id (docs/upstream.md)."""
+    key = call.idempotency_key
     return [] if key is None else [("Idempotency-Key", key)]
 
 

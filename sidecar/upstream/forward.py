@@ -4,7 +4,7 @@ What the runtime receives is built here from validated fields only: the
 canonical path, a fresh JSON body, and a fixed set of headers. Nothing the
 client sent (its Authorization, cookies, forwarding headers) is copied.
 
-Replies map to SPEC §3: any 2xx is success (a string ``runId`` in a JSON body
+Replies map to docs/http-api.md: any 2xx is success (a string ``runId`` in a JSON body
 is passed back); 429 and 503 mean "busy": 503 ``upstream_unavailable`` with the
 runtime's ``Retry-After``; any other status is 502 ``upstream_error``; no
 connection is 503 and no reply within ``upstream.timeout`` is 504 (see base.py).
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 
-from ..config import Settings
-from ..pipeline import Call, Reject
+from ..call import Call, Reject
+from ..settings import Settings
 from .base import (
     BaseForwarder,
     header_value,

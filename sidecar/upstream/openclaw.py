@@ -1,6 +1,6 @@
 """``protocol: "openclaw"``: a real OpenClaw gateway (npm ``openclaw`` 2026.9.x) over loopback HTTP.
 
-SPEC §4. docs/openclaw-gateway-notes.md records how the real gateway answers;
+docs/upstream.md. docs/openclaw-gateway-notes.md records how the real gateway answers;
 tests/test_openclaw_integration.py drives one.
 
 What the gateway receives, built from validated fields only:
@@ -18,7 +18,7 @@ What the gateway receives, built from validated fields only:
   ``Idempotency-Key`` when the client sent one. Nothing else: any
   ``Forwarded``/``X-Forwarded-*``/``X-Real-IP`` header makes it answer 403.
 
-Its replies, mapped to SPEC §3:
+Its replies, mapped to docs/http-api.md:
 
 - 2xx with ``{"ok": true}``: success, its ``runId`` passed back;
 - 503 (a run on the same persistent session kept it busy for 15 s, or it is
@@ -44,9 +44,9 @@ import logging
 import time
 from typing import Any
 
-from ..config import OPENCLAW_MAX_BODY_BYTES, Settings
-from ..pipeline import Call, Reject
+from ..call import Call, Reject
 from ..secrets import SecretSource, SecretSourceError
+from ..settings import OPENCLAW_MAX_BODY_BYTES, Settings
 from .base import (
     BaseForwarder,
     header_value,

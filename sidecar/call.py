@@ -1,0 +1,127 @@
+"""The types every guard shares: the per-request :class:`Call`, :class:`Reject`, ``Guard``.
+
+A guard is a plain callable ``guard(call)`` that either returns ``None`` (pass),
+returns an awaitable (an async guard: the pipeline awaits it), or raises
+:class:`Reject`. Sync guards cost one function call; only guards that wait for
+something (the body, a shared limiter) are coroutines.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from .secrets import Secret
+    from .settings import Agent, IPAddress, Settings
+
+Guard = Callable[["Call"], Awaitable[None] | None]
+
+# The hooks, by their exact decoded path (docs/http-api.md): nothing else routes.
+ENDPOINTS = {"/hooks/wake": "wake", "/hooks/agent": "agent"}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_randbits = random.getrandbits
+
+
+def new_request_id() -> str:
+    """A fresh id. Not a secret: it only has to be unique enough to find a log line."""
+    return "%016x" % _randbits(64)  # noqa: UP031 - fastest of the spellings
+
+
+class Call:
+    """What the guards learn about one request, in the order they learn it."""
+
+    __slots__ = (
+        "agent",
+        "audit_extra",
+        "body",
+        "client_addr",
+        "client_ip",
+        "delivery_id",
+        "endpoint",
+        "finalizers",
+        "idempotency_key",
+        "request",
+        "request_id",
+        "response_headers",
+        "route",
+        "secret",
+        "session",
+        "settings",
+        "started",
+    )
+
+    def __init__(self, request: web.BaseRequest, settings: Settings) -> None:
+        self.request = request
+        self.settings = settings
+        self.started = time.perf_counter()
+        rid = request.headers.get("X-Request-Id")
+        self.request_id = (
+            rid if rid is not None and _REQUEST_ID.fullmatch(rid) else new_request_id()
+        )
+        # The resolved client address (see guards/clientip.py): every later guard,
+        # the audit log and the upstream X-Forwarded-For use it.
+        self.client_ip: str = request.remote or ""
+        self.client_addr: IPAddress | None = None
+        # "wake" or "agent" when the path names a hook, else "other": the metrics label
+        # also of calls refused before routing, and what the route guard judges. The
+        # raw target is tried first: when it is exactly a hook's path, so is the decoded
+        # one, and the URL is never decoded (most calls).
+        endpoint = ENDPOINTS.get(request.raw_path) or ENDPOINTS.get(request.path)
+        self.endpoint = endpoint or "other"
+        self.secret: Secret | None = None  # set by bearer auth
+        self.body: dict[str, Any] = {}  # the validated JSON body
+        self.agent: Agent | None = None  # set by the agent lookup
+        self.session = ""  # the session key the call will use
+        self.response_headers: dict[str, str] | None = None  # e.g. RateLimit on success
+        self.finalizers: list[Callable[[], None]] | None = None  # run when the call ends
+        # Routes (docs/routes.md): the route's name, and the sender's delivery id.
+        self.route: str | None = None
+        self.delivery_id: str | None = None
+        # Sent upstream as Idempotency-Key when set: the client's own key, or a route's
+        # "<route>:<delivery id>" (docs/upstream.md).
+        self.idempotency_key: str | None = None
+        # Audit keys beyond the fixed ones (docs/audit-log.md), e.g. route, deliveryId.
+        self.audit_extra: dict[str, object] | None = None
+
+    def on_done(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the request ends, however it ends (e.g. release a slot)."""
+        if self.finalizers is None:
+            self.finalizers = []
+        self.finalizers.append(callback)
+
+    def audit(self, key: str, value: object) -> None:
+        """Add ``key`` to this call's audit line (a name from docs/audit-log.md)."""
+        if self.audit_extra is None:
+            self.audit_extra = {}
+        self.audit_extra[key] = value
+
+    def add_header(self, name: str, value: str) -> None:
+        if self.response_headers is None:
+            self.response_headers = {}
+        self.response_headers[name] = value
+
+
+class Reject(Exception):
+    """Refuse the request with a docs/http-api.md error code. ``message`` never holds secrets.
+
+    Raise a new instance every time (module constants are ``partial(Reject, ...)``):
+    re-raising one shared instance chains each new traceback onto the old ones and
+    keeps every request's frames alive — a leak of several KiB per refusal.
+    """
+
+    __slots__ = ("code", "headers", "message", "status")
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(code)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers

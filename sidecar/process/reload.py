@@ -1,0 +1,167 @@
+"""Reload (docs/configuration.md): on SIGHUP, and by itself when a watched file changes.
+
+The watched files are :attr:`Settings.watched_files`: the config, the secret
+files, the upstream token file and the TLS files. They are polled, not watched
+with inotify: Kubernetes replaces a mounted ConfigMap or Secret by pointing the
+``..data`` symlink at a new timestamped folder, so the file a path resolves to
+changes without any write to it (inotify on the path sees nothing; see
+kubernetes/kubernetes#112677). Each poll follows the symlinks and fingerprints
+what the path resolves to now: device, inode, size, mtime and a digest of the
+content. A change is acted on once two polls agree, so a file caught half-way
+through a non-atomic write is not loaded; with the default 1 s interval a
+change is live within about 2 s.
+
+A reload is all or nothing: the new config is validated completely (TLS files
+included) before anything is swapped, otherwise it is refused, logged without
+secrets and counted, and the running config stays. Requests in flight keep the
+runtime they started with (see :mod:`sidecar.app`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+
+from aiohttp import web
+
+from .. import config, tls
+from ..app import State
+from ..settings import Settings
+
+log = logging.getLogger("sidecar.reload")
+
+POLL_INTERVAL = 1.0
+MAX_DIGEST_BYTES = 1024 * 1024  # larger files are judged by their metadata alone
+
+Fingerprint = tuple[int, int, int, int, bytes]
+Fingerprints = dict[Path, Fingerprint | None]
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+
+def fingerprint(path: Path) -> Fingerprint | None:
+    """What ``path`` resolves to now, or ``None`` when it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            digest = b""
+            if stat.S_ISREG(st.st_mode) and st.st_size <= MAX_DIGEST_BYTES:
+                digest = hashlib.blake2b(f.read(MAX_DIGEST_BYTES + 1), digest_size=16).digest()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, digest)
+
+
+def fingerprints(paths: Iterable[Path]) -> Fingerprints:
+    return {path: fingerprint(path) for path in paths}
+
+
+class Reloader:
+    """Loads the config file again on request and swaps it in when it is valid."""
+
+    def __init__(
+        self,
+        state: State,
+        path: Path | None,
+        serving: tls.ServingTls | None,
+        on_applied: Callable[[Settings], None] = lambda settings: None,
+    ) -> None:
+        self.state = state
+        self.path = path
+        self.serving = serving
+        self.on_applied = on_applied  # process-wide settings (logging), the server's part
+        # The files as the running config was loaded from. Taken now, before anything
+        # listens: a baseline taken later by the watcher could already include a change.
+        self.seen: Fingerprints = fingerprints(state.settings.watched_files)
+        self._lock = asyncio.Lock()
+
+    async def reload(self, reason: str = "SIGHUP") -> bool:
+        """Load and swap in the config file; False (and the old config kept) if it is bad."""
+        if self.path is None:
+            return False
+        async with self._lock:
+            metrics = self.state.metrics
+            # Fingerprinted before reading: a write during the load shows up as a change.
+            before = await asyncio.to_thread(fingerprints, self.state.settings.watched_files)
+            try:
+                settings, loaded = await asyncio.to_thread(self._load, self.path)
+                self.state.apply(settings)
+            except config.ConfigError as exc:
+                self.seen = before  # retried on the next change, not on every poll
+                metrics.config_reloads.labels("error").inc()
+                log.error(
+                    "reload refused, keeping the running config",
+                    extra={"reason": reason, "problems": exc.problems},
+                )
+                return False
+            except Exception:  # a bug must not take the running config down with it
+                self.seen = before
+                metrics.config_reloads.labels("error").inc()
+                log.exception("reload failed, keeping the running config", extra={"reason": reason})
+                return False
+            if loaded is not None and self.serving is not None:
+                self.serving.use(loaded)
+                metrics.tls_cert_not_after.set(loaded.not_after)
+            self.on_applied(settings)
+            new = [p for p in settings.watched_files if p not in before]
+            self.seen = before | await asyncio.to_thread(fingerprints, new)
+            metrics.config_reloads.labels("success").inc()
+            log.info("config reloaded", extra={"reason": reason, "path": str(self.path)})
+            return True
+
+    def _load(self, path: Path) -> tuple[Settings, tls.Loaded | None]:
+        """Everything that can fail, done before anything is swapped (runs in a thread)."""
+        settings = config.load(path)
+        old = self.state.settings.sidecar
+        new = settings.sidecar
+        if (old.tls is None) != (new.tls is None):
+            raise config.ConfigError(["sidecar.tls: turning TLS on or off needs a restart"])
+        for key, was, now in (
+            ("sidecar.listen", old.listen, new.listen),
+            ("sidecar.admin.listen", old.admin_listen, new.admin_listen),
+            ("sidecar.workers", old.workers, new.workers),
+        ):
+            if was != now:
+                log.warning("%s changed from %s to %s: it takes effect on restart", key, was, now)
+        loaded = None
+        if new.tls is not None:
+            try:
+                loaded = tls.load(new.tls)
+            except tls.TlsError as exc:  # the files changed since config.load checked them
+                raise config.ConfigError([f"sidecar.tls: {exc}"]) from None
+        return settings, loaded
+
+    async def watch(self, interval: float = POLL_INTERVAL) -> None:
+        """Poll the watched files forever; reload once a change has settled."""
+        pending: Fingerprints | None = None
+        while True:
+            await asyncio.sleep(interval)
+            files = self.state.settings.watched_files
+            now = await asyncio.to_thread(fingerprints, files)
+            if all(self.seen.get(p) == fp for p, fp in now.items()):
+                pending = None
+            elif now != pending:
+                pending = now  # changed since the last poll: wait for the writer to finish
+            else:
+                pending = None
+                changed = sorted(str(p) for p, fp in now.items() if self.seen.get(p) != fp)
+                log.info("watched files changed", extra={"files": changed})
+                await self.reload("file change")
+
+    def watching(self, interval: float = POLL_INTERVAL) -> CleanupCtx:
+        """The file watcher as an aiohttp ``cleanup_ctx`` entry: runs while the app does."""
+
+        async def ctx(app: web.Application) -> AsyncIterator[None]:
+            task = asyncio.create_task(self.watch(interval), name="config-file-watcher")
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        return ctx

@@ -1,0 +1,164 @@
+"""The frozen, typed settings every other module reads.
+
+:mod:`sidecar.config` builds them from the JSON5 file once; the request path only
+reads them. A reload builds a new :class:`Settings` and swaps it in with one
+assignment; a request keeps the object it started with (docs/lifecycle.md).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .secrets import Secret
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+SESSION_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+SECRET_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+DEFAULT_UPSTREAM_SOCKET = "/run/agent/hooks.sock"
+DEFAULT_MIN_SECRET_LENGTH = 32
+# The OpenClaw gateway refuses bodies over 256 KiB (413). What the sidecar sends it
+# is the client's message plus at most ~400 bytes of fields it adds.
+OPENCLAW_MAX_BODY_BYTES = 262_144
+OPENCLAW_BODY_HEADROOM = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket: ``burst`` tokens, refilled at ``requests`` per ``per`` seconds."""
+
+    requests: int
+    per: float
+    burst: int
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.per
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    name: str
+    session_key: str
+    allow_request_session_key: bool = True
+    session_key_prefixes: tuple[str, ...] = ()
+    rate_limit: RateLimit | None = None
+    max_concurrent: int | None = None
+    agent_id: str = ""  # the runtime's own id (openclaw protocol); defaults to name
+    wake_text: str = ""  # the wake text (openclaw protocol)
+
+
+@dataclass(frozen=True, slots=True)
+class Webhooks:
+    enabled: bool
+    secrets: tuple[Secret, ...]
+    agents: Mapping[str, Agent]
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Tls:
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+    min_version: str = "1.2"
+    not_after: float = math.inf  # when the certificate expires (checked when loaded)
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    socket: str | None
+    url: str | None
+    host: str  # for url: host to connect to and Host header; for socket: "localhost"
+    port: int
+    protocol: str  # "forward" or "openclaw"
+    token: Secret | None
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    per_ip: RateLimit | None = None
+    global_: RateLimit | None = None
+    backend: str = "memory"
+    fail_open: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Lockout:
+    max_failures: int = 10
+    window: float = 60.0
+    duration: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = 65536
+    max_message_chars: int = 32768
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    max_connections: int = 1024  # open public connections per process (docs/configuration.md)
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Sidecar:
+    listen: Listen
+    admin_listen: Listen
+    upstream: Upstream
+    tls: Tls | None = None
+    allow_ips: tuple[IPNetwork, ...] | None = None  # None: any address
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    rate_limit: RateLimits = field(default_factory=RateLimits)
+    auth_lockout: Lockout = field(default_factory=Lockout)
+    limits: Limits = field(default_factory=Limits)
+    min_secret_length: int = DEFAULT_MIN_SECRET_LENGTH
+    shutdown_timeout: float = 15.0
+    log: Log = field(default_factory=Log)
+    workers: int = 1  # processes serving the public port (docs/lifecycle.md)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """One loaded config. Immutable: a reload builds a new one and swaps it in."""
+
+    webhooks: Webhooks
+    sidecar: Sidecar
+    path: Path | None = None  # the config file it came from
+    inline_secrets: tuple[str, ...] = ()  # ids of secrets written into the file itself
+
+    @property
+    def watched_files(self) -> tuple[Path, ...]:
+        """Files whose change should trigger a reload: the config, secrets, token, certs."""
+        files: list[Path] = [] if self.path is None else [self.path]
+        sources = [s.source for s in self.webhooks.secrets]
+        if self.sidecar.upstream.token is not None:
+            sources.append(self.sidecar.upstream.token.source)
+        files += [Path(src.where) for src in sources if src.kind == "file"]
+        tls = self.sidecar.tls
+        if tls is not None:
+            files += [tls.cert_file, tls.key_file]
+            if tls.client_ca_file is not None:
+                files.append(tls.client_ca_file)
+        return tuple(dict.fromkeys(files))
