@@ -17,7 +17,7 @@ from functools import partial
 
 from aiohttp import web
 
-from .call import Call, Guard, Reject, new_request_id
+from .call import Answer, Call, Guard, Reject, new_request_id
 from .guards.agents import agent_lookup, session_key_policy
 from .guards.allowlist import ip_allowlist
 from .guards.auth import bearer_auth
@@ -30,7 +30,7 @@ from .guards.routing import no_token_in_query, route
 from .limiter import Limiter, open_limiter
 from .logs import AuditLog
 from .metrics import Metrics
-from .responses import INTERNAL_ERROR, error_response, ok_response
+from .responses import INTERNAL_ERROR, answer_response, error_response, ok_response
 from .settings import Settings
 from .upstream import make_forwarder, make_pool
 from .upstream.base import BaseForwarder
@@ -196,6 +196,9 @@ async def handle(state: State, request: web.BaseRequest) -> web.StreamResponse:
     except Reject as reject:
         response = error_response(reject, call.request_id)
         _finish(state, call, reject.status, reject.code)
+    except Answer as answer:  # answered without forwarding (docs/routes.md)
+        response = answer_response(answer, call.request_id)
+        _finish(state, call, 200, None, answer.outcome)
     except asyncio.CancelledError:
         # handler_cancellation is off: only the drain deadline (Server.stop) cancels a call.
         cut = _CUT_OFF_FORWARDING if forwarding else _CUT_OFF
@@ -215,8 +218,11 @@ async def handle(state: State, request: web.BaseRequest) -> web.StreamResponse:
     return response
 
 
-def _finish(state: State, call: Call, status: int, code: str | None) -> None:
-    """Metrics and the one audit line (docs/audit-log.md) of a finished call."""
+def _finish(
+    state: State, call: Call, status: int, code: str | None, outcome: str | None = None
+) -> None:
+    """Metrics and the one audit line (docs/audit-log.md) of a finished call. ``outcome``:
+    what a call answered without forwarding was (e.g. ``ignored``, ``duplicate``)."""
     duration = time.perf_counter() - call.started
     metrics = state.metrics
     metrics.observe(call.endpoint, status, code, duration)
@@ -225,10 +231,11 @@ def _finish(state: State, call: Call, status: int, code: str | None) -> None:
     agent = call.body.get("agent") if secret is not None else None
     if agent is not None and agent not in call.settings.webhooks.agents:
         agent = None
-    if code is None:
-        outcome = "forwarded"
-    else:
-        outcome = "upstream_failed" if code.startswith("upstream_") else "rejected"
+    if outcome is None:
+        if code is None:
+            outcome = "forwarded"
+        else:
+            outcome = "upstream_failed" if code.startswith("upstream_") else "rejected"
     state.audit.record(
         call.request_id,
         call.client_ip,

@@ -125,3 +125,19 @@ class Reject(Exception):
         self.code = code
         self.message = message
         self.headers = headers
+
+
+class Answer(Exception):
+    """End the call with a 200 that is not forwarded: a GitHub ``ping``, a Slack
+    ``url_verification``, a route's ``when`` that is false, a duplicate delivery
+    (docs/routes.md). ``fields`` go into the JSON body after ``"status": "ok"``;
+    ``"requestId"`` is added unless ``bare`` (Slack's challenge answer is exactly
+    ``{"challenge": ...}``). ``outcome`` names it in the audit log."""
+
+    __slots__ = ("bare", "fields", "outcome")
+
+    def __init__(self, outcome: str, fields: dict[str, Any], *, bare: bool = False) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+        self.fields = fields
+        self.bare = bare

@@ -28,7 +28,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .call import Reject
+from .call import Answer, Reject
 
 _quote = json.encoder.encode_basestring_ascii  # what json.dumps uses for str
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
@@ -130,6 +130,15 @@ def ok_response(
     )
     body += "}" if run_id is None else f', "runId": {_quote(run_id)}}}'
     return JsonReply(200, body.encode(), request_id, header_lines(extra_headers))
+
+
+def answer_response(answer: Answer, request_id: str) -> JsonReply:
+    """A 200 that was not forwarded (:class:`Answer`)."""
+    doc: dict[str, object] = {} if answer.bare else {"status": "ok"}
+    doc.update(answer.fields)
+    if not answer.bare:
+        doc["requestId"] = request_id
+    return JsonReply(200, json.dumps(doc).encode(), request_id)
 
 
 INTERNAL_ERROR = Reject(500, "internal_error", "internal error; see the sidecar log")

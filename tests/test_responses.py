@@ -20,8 +20,8 @@ import pytest
 from aiohttp import web
 from support.rawhttp import RawResponse, exchange, request
 
-from sidecar.call import Reject
-from sidecar.responses import error_response, ok_response
+from sidecar.call import Answer, Reject
+from sidecar.responses import answer_response, error_response, ok_response
 
 RATE_LIMITED = Reject(429, "rate_limited", "slow down", {"Retry-After": "3"})
 HEADERS = {"RateLimit": '"ip";r=1;t=0'}
@@ -202,3 +202,15 @@ async def test_a_client_that_stops_reading_holds_the_server_back(
             tail = data[-(len(status_line) - 1) :]
     assert handled == total
     writer.close()
+
+
+def test_answer_is_a_200_with_its_fields_and_the_request_id() -> None:
+    reply = answer_response(Answer("ignored", {"ignored": True}), "rid-1")
+    assert reply.status == 200
+    assert json.loads(reply._reply) == {"status": "ok", "ignored": True, "requestId": "rid-1"}
+
+
+def test_bare_answer_is_exactly_its_fields() -> None:
+    """Slack's url_verification wants exactly {"challenge": ...} back."""
+    reply = answer_response(Answer("challenge", {"challenge": "3eZbrw1a"}, bare=True), "rid-2")
+    assert json.loads(reply._reply) == {"challenge": "3eZbrw1a"}
