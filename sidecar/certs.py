@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALIDITY = dt.timedelta(days=90)
+# What write_demo_pki writes, in this order.
+PKI_FILES = ("ca.pem", "server.pem", "server-key.pem", "client.pem", "client-key.pem")
 # RFC 1123 host names (A-labels for IDNs), with an optional wildcard first label.
 _DNS_NAME = re.compile(
     r"(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"

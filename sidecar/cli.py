@@ -8,16 +8,26 @@ warnings; 1 anything else.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
-from . import config
+from . import __version__, config
 from .secrets import generate_secret
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 CONFIG_ENV = "WEBHOOK_SIDECAR_CONFIG"
+
+
+def version() -> str:
+    """The installed distribution's version; the package's own when run from a checkout."""
+    try:
+        return metadata.version("webhook-sidecar")
+    except metadata.PackageNotFoundError:
+        return __version__
 
 
 def _config_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
@@ -62,10 +72,17 @@ def cmd_gen_secret(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def cmd_gen_cert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .certs import write_demo_pki
+    from .certs import PKI_FILES, write_demo_pki
 
+    out = Path(args.out).absolute()
+    taken = [out / name for name in PKI_FILES if os.path.lexists(out / name)]
+    if taken and not args.force:
+        names = ", ".join(str(p) for p in taken)
+        print(f"gen-cert: refusing to overwrite {names}; pass --force to replace them",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_CONFIG
     try:
-        written = write_demo_pki(Path(args.out), args.host or ["localhost", "127.0.0.1"])
+        written = write_demo_pki(out, args.host or ["localhost", "127.0.0.1"])
     except OSError as exc:
         print(f"gen-cert: cannot write to {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -74,7 +91,27 @@ def cmd_gen_cert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         return EXIT_CONFIG
     for path in written:
         print(path)
+    print()
+    print(tls_block(out))
     return EXIT_OK
+
+
+def tls_block(out: Path) -> str:
+    """The ``sidecar.tls`` block (JSON5) that serves what gen-cert wrote into ``out``."""
+
+    def path(name: str) -> str:
+        return json.dumps(str(out / name))
+
+    return "\n".join([
+        "// Paste into the config's `sidecar` block (docs/configuration.md):",
+        "tls: {",
+        f"  certFile: {path('server.pem')},",
+        f"  keyFile: {path('server-key.pem')},",
+        "  // mTLS: callers must present a certificate signed by this CA (client.pem and",
+        "  // client-key.pem are one). Remove this line for TLS without client certificates.",
+        f"  clientCaFile: {path('ca.pem')},",
+        "},",
+    ])  # fmt: skip
 
 
 def cmd_dev_runtime(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -95,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Security sidecar in front of AI agent runtimes: authenticates, "
         "filters and rate-limits webhook calls, then forwards them to the runtime.",
     )
+    parser.add_argument("--version", action="version", version=f"webhook-sidecar {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str, func: object) -> argparse.ArgumentParser:
@@ -111,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("gen-cert", "write a throwaway CA, server and client certificates", cmd_gen_cert)
     p.add_argument("--out", required=True, help="folder to write the PEM files to")
     p.add_argument("--host", action="append", help="name or address the server certificate covers")
+    p.add_argument("--force", action="store_true", help="replace files that already exist")
     p = add("demo", "run the reference runtime and the sidecar with a fresh secret", cmd_demo)
     p.add_argument("--port", type=int, default=8080, help="public port (default 8080)")
     p = add("dev-runtime", "run the reference runtime alone on a Unix socket", cmd_dev_runtime)

@@ -4,6 +4,7 @@ names asked for (as a server) and for the client pair (as a client), no CA key a
 from __future__ import annotations
 
 import ipaddress
+import os
 import stat
 import subprocess
 import sys
@@ -14,12 +15,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from support.common import SECRET
+
+from sidecar.config import load as load_config
 
 FILES = ["ca.pem", "server.pem", "server-key.pem", "client.pem", "client-key.pem"]
 
 
-def gen_cert(out: Path, *hosts: str) -> subprocess.CompletedProcess[str]:
+def gen_cert(out: Path, *hosts: str, force: bool = False) -> subprocess.CompletedProcess[str]:
     args = [sys.executable, "-m", "sidecar", "gen-cert", "--out", str(out)]
+    args += ["--force"] if force else []
     for host in hosts:
         args += ["--host", host]
     return subprocess.run(args, capture_output=True, text=True, timeout=60)
@@ -30,7 +35,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pki") / "certs"  # a folder gen-cert has to create
     result = gen_cert(out, "webhooks.example.com", "localhost", "127.0.0.1", "::1")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [str(out / f) for f in FILES]
+    assert result.stdout.splitlines()[:5] == [str(out / f) for f in FILES]
     return out
 
 
@@ -104,7 +109,7 @@ def test_default_hosts_are_localhost_and_127_0_0_1(tmp_path: Path) -> None:
 def test_rewriting_replaces_files_and_narrows_a_wider_key_mode(tmp_path: Path) -> None:
     (tmp_path / "server-key.pem").write_text("old")
     (tmp_path / "server-key.pem").chmod(0o644)
-    assert gen_cert(tmp_path).returncode == 0
+    assert gen_cert(tmp_path, force=True).returncode == 0
     key = tmp_path / "server-key.pem"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
@@ -116,7 +121,7 @@ def test_a_symlink_in_the_way_is_replaced_not_followed(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "server-key.pem").symlink_to(target)
-    assert gen_cert(out).returncode == 0
+    assert gen_cert(out, force=True).returncode == 0
     assert target.read_text() == "keep me"
     assert not (out / "server-key.pem").is_symlink()
 
@@ -133,3 +138,47 @@ def test_unwritable_folder_is_exit_1(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     result = gen_cert(tmp_path / "file" / "sub")
     assert result.returncode == 1 and "cannot write" in result.stderr
+
+
+def test_existing_files_are_kept_without_force_exit_2_naming_them(tmp_path: Path) -> None:
+    (tmp_path / "server-key.pem").write_text("precious")
+    (tmp_path / "ca.pem").symlink_to(tmp_path / "dangling")  # a dangling link is in the way too
+    result = gen_cert(tmp_path)
+    assert result.returncode == 2
+    assert str(tmp_path / "server-key.pem") in result.stderr
+    assert str(tmp_path / "ca.pem") in result.stderr and "--force" in result.stderr
+    assert str(tmp_path / "server.pem") not in result.stderr  # only what is in the way
+    assert (tmp_path / "server-key.pem").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.pem", "server-key.pem"]
+    assert result.stdout == ""
+
+
+def test_printed_tls_block_serves_what_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The block, pasted into ``sidecar`` as printed, is a config check-config accepts,
+    with absolute paths to the new files (run from another folder than the config's)."""
+    out = tmp_path / "pki"
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "gen-cert", "--out", "pki"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    block = result.stdout.split("\n\n", 1)[1]
+    elsewhere = tmp_path / "etc"
+    elsewhere.mkdir()
+    config = elsewhere / "config.json5"
+    config.write_text(
+        "{webhooks: {secret: {env: 'S'}, agents: {a: {}}},\n"
+        f"sidecar: {{listen: '127.0.0.1:0', upstream: {{socket: '/run/x.sock'}},\n{block}\n}}}}"
+    )
+    check = subprocess.run(
+        [sys.executable, "-m", "sidecar", "check-config", "-c", str(config)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "S": SECRET},
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    monkeypatch.setenv("S", SECRET)
+    settings = load_config(config)
+    assert settings.sidecar.tls is not None
+    assert settings.sidecar.tls.cert_file == out / "server.pem"
+    assert settings.sidecar.tls.client_ca_file == out / "ca.pem"

@@ -202,3 +202,21 @@ def test_demo_on_a_taken_port_exits_1_with_a_clear_message() -> None:
         result = run_cli("demo", "--port", str(busy.getsockname()[1]))
     assert result.returncode == 1
     assert "already in use" in result.stderr and "--port" in result.stderr
+
+
+def test_version_prints_the_one_version() -> None:
+    """``--version`` says the package's version, which the installed metadata (when there
+    is one) takes from the same place: pyproject's dynamic version is ``__version__``."""
+    import importlib.metadata
+
+    import sidecar
+
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"webhook-sidecar {sidecar.__version__}\n"
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", sidecar.__version__)
+    try:
+        installed = importlib.metadata.version("webhook-sidecar")
+    except importlib.metadata.PackageNotFoundError:
+        installed = sidecar.__version__  # a checkout on PYTHONPATH: nothing else to agree with
+    assert installed == sidecar.__version__
