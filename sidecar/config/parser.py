@@ -95,7 +95,7 @@ def loads(text: str, *, path: Path | None = None, now: float | None = None) -> S
         doc = json5.loads(text, allow_duplicate_keys=False)
     except ValueError as exc:
         # json5's messages quote position and a character, not whole values.
-        raise ConfigError([f"{where}: not valid JSON5: {_first_line(exc)}"]) from None
+        raise ConfigError([f"{where}: not valid JSON5{_json5_error(exc)}"]) from None
     except RecursionError:
         raise ConfigError([f"{where}: not valid JSON5: nested too deeply"]) from None
     base = path.parent if path is not None else Path.cwd()
@@ -105,6 +105,19 @@ def loads(text: str, *, path: Path | None = None, now: float | None = None) -> S
 def _first_line(exc: Exception) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:200]
+
+
+# json5 names the text "<string>" and puts the line first: "<string>:3 Unexpected "," at column 9".
+_JSON5_POSITION = re.compile(r"<string>:(\d+) (.*) at column (\d+)", re.DOTALL)
+
+
+def _json5_error(exc: ValueError) -> str:
+    """`` at line L, column C: what`` from json5's message (the file path is ours to add)."""
+    found = _JSON5_POSITION.fullmatch(str(exc))
+    if found is None:
+        return f": {_first_line(exc)}"
+    line, what, column = found.groups()  # ``what`` may quote a newline: ConfigError escapes it
+    return f" at line {line}, column {column}: {what[:200]}"
 
 
 def parse_duration(value: object) -> float:
@@ -213,7 +226,9 @@ class _Builder:
     # -- top level ------------------------------------------------------------
 
     def settings(self, doc: object, path: Path | None) -> Settings:
-        root = self.obj("config", doc, ["webhooks", "sidecar"]) or {}
+        if not isinstance(doc, dict):  # nothing else can be checked
+            raise ConfigError(["config: must be an object with the keys 'webhooks' and 'sidecar'"])
+        root = self.obj("", doc, ["webhooks", "sidecar"]) or {}
         if "webhooks" not in root:
             self.bad("webhooks", "is required")
         sidecar_doc = self.obj("sidecar", root.get("sidecar", {}), _SIDECAR_KEYS) or {}
@@ -327,6 +342,15 @@ class _Builder:
         """A secret entry: a string, or an object with exactly one of value/file/env."""
         if isinstance(value, str) and not listed:
             value = {"value": value}
+        elif not isinstance(value, dict):
+            self.bad(
+                path,
+                "must be an object: {id: ..., file: PATH}, {id: ..., env: NAME} "
+                "or {id: ..., value: ...}"
+                if listed
+                else "must be a string, {file: PATH}, {env: NAME} or {value: ...}",
+            )
+            return None
         keys = ["value", "file", "env"] + (
             ["id", "notBefore", "notAfter", "agents"] if listed else []
         )
@@ -574,6 +598,8 @@ _AGENT_KEYS = [
 
 
 def _join(path: str, key: str) -> str:
+    if not path:  # the top level: its keys stand alone ("webhook: unknown key")
+        return key or '""'
     return f"{path}.{key}"
 
 

@@ -34,6 +34,11 @@ def security_warnings(settings: Settings, *, now: float | None = None) -> list[s
             f"sidecar.listen: {s.listen} is reachable from the network without TLS "
             "and without trustedProxies (tokens would cross the network in clear text)"
         )
+    if not settings.webhooks.agents:
+        out.append(
+            "webhooks.agents: no agent is configured; every call to /hooks/wake and "
+            "/hooks/agent answers 404 agent_not_found"
+        )
     for agent in settings.webhooks.agents.values():
         if agent.allow_request_session_key and not agent.session_key_prefixes:
             out.append(

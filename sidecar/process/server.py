@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 
 from aiohttp import web
@@ -32,6 +33,24 @@ AIOHTTP_SHUTDOWN_BACKSTOP = 3600.0
 # After cutting calls off, how long to wait for their connections to close.
 CUT_OFF_GRACE = 5.0
 EXIT_OK, EXIT_ABANDONED = 0, 1
+
+
+class ListenError(OSError):
+    """A listener could not open; the message names the address (docs/operations.md)."""
+
+    def __init__(self, address: object, exc: OSError) -> None:
+        # asyncio's strerror repeats the address ("error while attempting to bind on ..."):
+        # the errno's own text is the reason.
+        reason = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
+        super().__init__(exc.errno, f"cannot listen on {address}: {reason[:1].lower()}{reason[1:]}")
+
+
+async def start_site(site: web.BaseSite, address: object) -> None:
+    """``site.start()``, raising :class:`ListenError` naming ``address`` if it cannot listen."""
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ListenError(address, exc) from exc
 
 
 class Server:
@@ -89,13 +108,17 @@ class Server:
         cap_connections(public, lambda: self.state.settings.sidecar.limits.max_connections)
         await self._admin.setup()
         ctx = self.tls.context if self.tls is not None else None
-        await web.TCPSite(
-            self._public, s.listen.host, s.listen.port, ssl_context=ctx, reuse_port=reuse_port
-        ).start()
+        await start_site(
+            web.TCPSite(
+                self._public, s.listen.host, s.listen.port, ssl_context=ctx, reuse_port=reuse_port
+            ),
+            s.listen,
+        )
         if admin_socket is not None:
             await web.UnixSite(self._admin, admin_socket).start()
         else:
-            await web.TCPSite(self._admin, s.admin_listen.host, s.admin_listen.port).start()
+            admin = s.admin_listen
+            await start_site(web.TCPSite(self._admin, admin.host, admin.port), admin)
         scheme = "https" if ctx else "http"
         log.info(
             "listening",
@@ -193,8 +216,8 @@ async def serve(
         return 2
     try:
         await server.start(reuse_port=admin_socket is not None, admin_socket=admin_socket)
-    except OSError as exc:
-        log.error("cannot listen: %s", exc.strerror or exc)
+    except OSError as exc:  # a ListenError names the address
+        log.error("%s", exc.strerror or exc)
         with contextlib.suppress(Exception):
             await server.stop()
         return 1

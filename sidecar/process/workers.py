@@ -63,7 +63,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .. import config, logs
 from ..settings import Listen, Settings
-from .server import serve
+from .server import ListenError, serve, start_site
 from .tuning import install_uvloop, tune_allocator
 
 log = logging.getLogger("sidecar.workers")
@@ -208,10 +208,10 @@ def _reserve(listen: Listen) -> list[socket.socket]:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((address[0], port, *address[2:]))
             port = sock.getsockname()[1]  # port 0: the one the kernel chose, for all
-    except OSError:
+    except OSError as exc:
         for sock in held:
             sock.close()
-        raise
+        raise ListenError(listen, exc) from exc
     return held
 
 
@@ -244,8 +244,8 @@ class Supervisor:
             self.held = _reserve(s.listen)
             self.port = self.held[0].getsockname()[1]
             await self._start_admin()
-        except OSError as exc:
-            log.error("cannot listen: %s", exc.strerror or exc)
+        except OSError as exc:  # a ListenError names the address
+            log.error("%s", exc.strerror or exc)
             return await self._close(EXIT_FAILURE)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -419,7 +419,7 @@ class Supervisor:
         self._admin = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self._admin.setup()
         a = self.settings.sidecar.admin_listen
-        await web.TCPSite(self._admin, a.host, a.port).start()
+        await start_site(web.TCPSite(self._admin, a.host, a.port), a)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

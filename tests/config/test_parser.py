@@ -132,7 +132,9 @@ def test_bad_durations(value: Any) -> None:
 @pytest.mark.parametrize(
     ("doc", "expected"),
     [
-        ({**minimal(), "extra": 1}, "config.extra: unknown key"),
+        ({**minimal(), "extra": 1}, "extra: unknown key"),
+        ({**minimal(), "webhook": {}}, "webhook: unknown key (did you mean 'webhooks'?)"),
+        ({**minimal(), "Sidecar": {}}, "Sidecar: unknown key (did you mean 'sidecar'?)"),
         (minimal(enabeld=True), "webhooks.enabeld: unknown key (did you mean 'enabled'?)"),
         (
             {**minimal(), "sidecar": {"listn": "x"}},
@@ -252,7 +254,18 @@ def test_bad_durations(value: Any) -> None:
             minimal(secret={"file": "/nonexistent/secret"}),
             "webhooks.secret.file: cannot read /nonexistent/secret",
         ),
-        (minimal(secret=5), "webhooks.secret: must be an object"),
+        (
+            minimal(secret=5),
+            "webhooks.secret: must be a string, {file: PATH}, {env: NAME} or {value: ...}",
+        ),
+        (
+            {"webhooks": {"secrets": ["a-secret-string"], "agents": {}}},
+            "webhooks.secrets[0]: must be an object: {id: ..., file: PATH}, {id: ..., env: NAME}",
+        ),
+        (
+            {**minimal(), "sidecar": {"upstream": {"socket": "/x.sock", "token": 5}}},
+            "sidecar.upstream.token: must be a string, {file: PATH}, {env: NAME} or {value: ...}",
+        ),
         ({**minimal(), "sidecar": {"listen": "8080"}}, "sidecar.listen: must be host:port"),
         (
             {**minimal(), "sidecar": {"listen": "example.com:80"}},
@@ -443,8 +456,17 @@ def test_not_json5_names_the_file(tmp_path: Path) -> None:
     assert info.value.problems[0].startswith(f"{path}: not valid JSON5")
 
 
+def test_json5_syntax_error_names_the_file_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json5"
+    path.write_text('{\n  webhooks: {\n    secret: "x",\n  }},\n}\n')
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.problems == [f'{path}: not valid JSON5 at line 4, column 5: Unexpected ","']
+    assert "<string>" not in str(info.value)
+
+
 def test_duplicate_keys_in_the_file_are_refused() -> None:
-    text = '{webhooks: {secret: "%s", secret: "%s", agents: {}}}' % (STRONG, STRONG[::-1])
+    text = f'{{webhooks: {{secret: "{STRONG}", secret: "{STRONG[::-1]}", agents: {{}}}}}}'
     [problem] = problems(text)
     assert "not valid JSON5" in problem and STRONG not in problem
 

@@ -35,6 +35,9 @@ SECRETS = [
 ]
 OLD_SECRET = "9c4e1f7a2b8d3e6f0a5c9b1d4e7f2a8c3b6d9e0f1a4c7b2d5e8f3a6c9b0d2e4f"
 KEY_PATH = re.compile(r"(config|webhooks|sidecar)([.\[:]|$)")
+TOP_LEVEL_TYPO = re.compile(
+    r".+: unknown key( \(did you mean '(webhooks|sidecar)'\?\))?", re.DOTALL
+)
 
 json_scalars = (
     st.none()
@@ -469,7 +472,7 @@ def check(text: str) -> None:
     except config.ConfigError as exc:
         assert exc.problems, "a ConfigError without problems"
         for problem in exc.problems:
-            assert KEY_PATH.match(problem), f"no key path: {problem!r}"
+            assert KEY_PATH.match(problem) or TOP_LEVEL_TYPO.fullmatch(problem), problem
             assert problem.isprintable(), f"not printable: {problem!r}"
             assert "Traceback" not in problem
             for secret in SECRETS:

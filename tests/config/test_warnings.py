@@ -255,3 +255,16 @@ def test_several_workers_with_redis_limits_warn_only_about_the_lockout(
         LOCKOUT_PER_WORKER
     ]
     assert warnings(run(tight_doc(short_tmp, workers=1, rateLimit=limits))[1]) == []
+
+
+def test_no_agent_is_a_warning(run: Any, short_tmp: Path) -> None:
+    """Valid, but every hook can only answer agent_not_found: check-config says so."""
+    doc = tight_doc(short_tmp)
+    doc["webhooks"]["agents"] = {}
+    code, lines = run(doc, "--strict")
+    assert code == 2
+    assert lines == [
+        "warning: webhooks.agents: no agent is configured; every call to /hooks/wake and "
+        "/hooks/agent answers 404 agent_not_found"
+    ]
+    assert run(tight_doc(short_tmp), "--strict")[0] == 0  # one agent: nothing to say

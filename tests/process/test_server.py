@@ -107,7 +107,10 @@ def test_missing_config_file_exits_2(short_tmp: Path) -> None:
     assert result.returncode == 2 and "cannot read config file" in result.stderr
 
 
-async def test_taken_port_exits_1(runtime: Runtime, short_tmp: Path) -> None:
+@pytest.mark.parametrize("taken", ["public", "admin"])
+async def test_taken_port_exits_1_naming_the_address(
+    runtime: Runtime, short_tmp: Path, taken: str
+) -> None:
     import asyncio
     import socket
 
@@ -115,7 +118,8 @@ async def test_taken_port_exits_1(runtime: Runtime, short_tmp: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        path = write_config(short_tmp, process_doc(runtime.path, port, free_port()))
+        ports = (port, free_port()) if taken == "public" else (free_port(), port)
+        path = write_config(short_tmp, process_doc(runtime.path, *ports))
         result = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "sidecar", "run", "-c", str(path)],
@@ -124,7 +128,10 @@ async def test_taken_port_exits_1(runtime: Runtime, short_tmp: Path) -> None:
             timeout=30,
         )
     assert result.returncode == 1
-    assert "cannot listen" in result.stderr
+    errors = [
+        e["msg"] for e in map(json.loads, result.stderr.splitlines()) if e["level"] == "error"
+    ]
+    assert errors == [f"cannot listen on 127.0.0.1:{port}: address already in use"]
 
 
 async def test_headers_trickling_in_are_cut_off_at_header_timeout(

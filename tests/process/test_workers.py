@@ -372,7 +372,11 @@ async def test_a_taken_port_exits_1_before_any_worker_starts(
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
     assert result.returncode == 1
-    assert "cannot listen" in result.stderr and "worker started" not in result.stderr
+    assert "worker started" not in result.stderr
+    errors = [
+        e["msg"] for e in map(json.loads, result.stderr.splitlines()) if e["level"] == "error"
+    ]
+    assert errors == [f"cannot listen on {doc['sidecar']['listen']}: address already in use"]
 
 
 # ---------------------------------------------------------------- shared limits
