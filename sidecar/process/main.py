@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import config, logs
 from .server import serve
+from .startup import log_startup
 from .tuning import install_uvloop, tune_allocator
 from .workers import supervise
 
@@ -30,6 +31,7 @@ def run(path: Path) -> int:
     if settings.sidecar.workers > 1:
         return supervise(settings)
     writer, audit = logs.setup(settings.sidecar.log.level, settings.sidecar.log.format)
+    log_startup(settings)
     install_uvloop()
     tune_allocator()
     try:

@@ -64,6 +64,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from .. import config, logs
 from ..settings import Listen, Settings
 from .server import ListenError, serve, start_site
+from .startup import log_startup
 from .tuning import install_uvloop, tune_allocator
 
 log = logging.getLogger("sidecar.workers")
@@ -472,6 +473,7 @@ def supervise(settings: Settings) -> int:
     """``webhook-sidecar run`` with ``sidecar.workers`` > 1: supervise the workers until
     SIGTERM; 0 after a clean drain, 1 otherwise, 2 when a worker found the config bad."""
     writer, _ = logs.setup(settings.sidecar.log.level, settings.sidecar.log.format, shared=True)
+    log_startup(settings)  # once, here: the workers do not repeat it
     try:
         return asyncio.run(Supervisor(settings).run())
     finally:
