@@ -1,4 +1,5 @@
-"""The admin listener (docs/admin.md): ``/metrics``, ``/healthz``, ``/readyz``; never public.
+"""The admin listener (docs/admin.md): ``/metrics``, ``/healthz``, ``/readyz`` and
+``POST /admin/unlock``; never public.
 
 Readiness is cached for a moment and concurrent probes share one check: a burst
 of probes and scrapes costs one connection attempt to the runtime, not one each.
@@ -9,6 +10,7 @@ It fails at once when shutdown begins, and while no configured secret is valid
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +19,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from .app import STATE, State
+from .guards.lockout import address_key
 from .upstream.pool import UpstreamConnectError
 
 log = logging.getLogger("sidecar.admin")
@@ -90,6 +93,61 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+# Set by the supervisor (sidecar.workers > 1) when it passes an unlock on to its workers:
+# it logs and counts the operator's unlock once itself.
+FANOUT_HEADER = "X-Webhook-Sidecar-Fanout"
+
+
+class BadUnlock(ValueError):
+    """The unlock request's body is not ``{"address": "<IP address>"}``."""
+
+
+async def unlock_key(request: web.Request) -> str:
+    """The lockout key named by a ``POST /admin/unlock`` body. Raises :class:`BadUnlock`."""
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise BadUnlock('the body must be JSON: {"address": "<IP address>"}') from None
+    address = body.get("address") if isinstance(body, dict) else None
+    if not isinstance(address, str):
+        raise BadUnlock('address: required, a string: {"address": "<IP address>"}')
+    try:
+        return address_key(address)
+    except ValueError as exc:
+        shown = address if address.isprintable() and len(address) <= 64 else "(not shown)"
+        raise BadUnlock(f"address: {shown!r} is not an IP address ({exc})") from None
+
+
+def bad_unlock(exc: BadUnlock) -> web.Response:
+    return web.json_response(
+        {"status": "error", "error": "invalid_request", "message": str(exc)}, status=400
+    )
+
+
+def log_unlock(key: str, unlocked: bool) -> None:
+    """An operator released an address: audit-worthy, so at warning."""
+    log.warning(
+        "unlock %s: %s",
+        key,
+        "lock and failure count released" if unlocked else "it was not locked",
+        extra={"address": key, "unlocked": unlocked},
+    )
+
+
+async def unlock(request: web.Request) -> web.Response:
+    """Release an address from the auth lockout: its lock and its failure count."""
+    try:
+        key = await unlock_key(request)
+    except BadUnlock as exc:
+        return bad_unlock(exc)
+    state = request.app[STATE]
+    unlocked = state.lockout.unlock(key, time.monotonic())
+    if FANOUT_HEADER not in request.headers:
+        log_unlock(key, unlocked)
+        state.metrics.unlocks.inc()
+    return web.json_response({"status": "ok", "unlocked": unlocked})
+
+
 def secret_expiry_watch(interval: float) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context that logs an error every ``interval`` seconds while no configured
     secret is valid (all expired or not yet valid): every call is then refused with 401,
@@ -140,6 +198,7 @@ def create_admin_app(
     app[READINESS] = Readiness(state, probe_cache_seconds)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_post("/admin/unlock", unlock)
     # prometheus_client's own handler: Accept negotiation (OpenMetrics) and gzip.
     app.router.add_get("/metrics", make_aiohttp_handler(state.metrics.registry))
     app.cleanup_ctx.append(secret_expiry_watch(expiry_log_interval))

@@ -114,6 +114,12 @@ def tls_block(out: Path) -> str:
     ])  # fmt: skip
 
 
+def cmd_unlock(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .unlock import run
+
+    return run(_config_path(args, parser), args.address)
+
+
 def cmd_dev_runtime(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .devruntime import run
 
@@ -150,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write the PEM files to")
     p.add_argument("--host", action="append", help="name or address the server certificate covers")
     p.add_argument("--force", action="store_true", help="replace files that already exist")
+    p = add("unlock", "release an address from the auth lockout (via the admin listener)",
+            cmd_unlock)  # fmt: skip
+    p.add_argument("-c", "--config", help=f"config file (JSON5); default: env {CONFIG_ENV}")
+    p.add_argument("address", help="the locked address, as the lockout's log line names it")
     p = add("demo", "run the reference runtime and the sidecar with a fresh secret", cmd_demo)
     p.add_argument("--port", type=int, default=8080, help="public port (default 8080)")
     p = add("dev-runtime", "run the reference runtime alone on a Unix socket", cmd_dev_runtime)

@@ -203,6 +203,11 @@ class Metrics:
         self.in_flight = Gauge(
             p + "in_flight_requests", "Requests being handled on the public listener.", registry=r
         )
+        self.unlocks = Counter(
+            p + "unlocks_total",
+            "Addresses released from the auth lockout by an operator (POST /admin/unlock).",
+            registry=r,
+        )
         # Not in docs/metrics.md: how many calls went through unchecked while the shared
         # limiter was down (rateLimit.failOpen: true).
         self.limiter_fail_open = Counter(

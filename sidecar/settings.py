@@ -72,6 +72,9 @@ class Listen:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+DEFAULT_ADMIN_LISTEN = Listen("127.0.0.1", 9090)
+
+
 @dataclass(frozen=True, slots=True)
 class Tls:
     cert_file: Path

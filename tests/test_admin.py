@@ -4,6 +4,7 @@ upstream probe, the expired-secrets error, and the real process's /metrics after
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -299,3 +300,108 @@ async def test_real_process_metrics_after_mixed_traffic(
     assert s.value(P + "config_reloads_total", result="success") == 0
     assert s.value(P + "in_flight_requests") == 0
     assert "process_resident_memory_bytes" in s.families
+
+
+# ---------------------------------------------------------------- POST /admin/unlock
+
+
+async def unlock(client: Any, body: Any) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with client.post("/admin/unlock", data=data) as resp:
+        return resp.status, await resp.json()
+
+
+@pytest.fixture
+async def locking(make_sidecar: Any, runtime: Runtime) -> Sidecar:
+    """A sidecar that locks an address after 3 failures, for 5 minutes."""
+    doc = base_doc(runtime.path, authLockout={"maxFailures": 3, "duration": "5m"})
+    sc: Sidecar = await make_sidecar(doc)
+    return sc
+
+
+async def wake_status(sc: Sidecar, token: str | None = SECRET) -> int:
+    return (await post(str(sc.client.make_url("/hooks/wake")), token=token))[0]
+
+
+async def test_unlock_releases_a_lock_logged_and_counted_once(
+    aiohttp_client: Any, locking: Sidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    admin = await admin_client(aiohttp_client, locking)
+    for _ in range(3):
+        assert await wake_status(locking, "wrong") == 401
+    assert await wake_status(locking) == 429
+    [locked] = [r for r in caplog.records if r.name == "sidecar.lockout"]
+    assert locked.levelno == logging.WARNING and locked.address == "127.0.0.1"  # type: ignore[attr-defined]
+    assert await wake_status(locking, "wrong") == 429  # refused again: not logged again
+    assert len([r for r in caplog.records if r.name == "sidecar.lockout"]) == 1
+
+    assert await unlock(admin, {"address": "127.0.0.1"}) == (
+        200,
+        {"status": "ok", "unlocked": True},
+    )
+    assert await wake_status(locking) == 200
+    assert await unlock(admin, {"address": "127.0.0.1"}) == (
+        200,
+        {"status": "ok", "unlocked": False},
+    )
+    logged = [r for r in caplog.records if r.name == "sidecar.admin"]
+    assert [(r.levelno, r.getMessage()) for r in logged] == [
+        (logging.WARNING, "unlock 127.0.0.1: lock and failure count released"),
+        (logging.WARNING, "unlock 127.0.0.1: it was not locked"),
+    ]
+    scrape = Scrape.of(locking.state.metrics.registry)
+    assert scrape.value(P + "unlocks_total") == 2
+
+
+async def test_unlock_forgets_the_failure_count_too(aiohttp_client: Any, locking: Sidecar) -> None:
+    admin = await admin_client(aiohttp_client, locking)
+    for _ in range(2):
+        assert await wake_status(locking, "wrong") == 401
+    assert await unlock(admin, {"address": "127.0.0.1"}) == (
+        200,
+        {"status": "ok", "unlocked": False},
+    )
+    assert await wake_status(locking, "wrong") == 401  # the first of three again, not the third
+    assert await wake_status(locking) == 200
+
+
+async def test_unlock_takes_the_ipv4_mapped_spelling(aiohttp_client: Any, locking: Sidecar) -> None:
+    admin = await admin_client(aiohttp_client, locking)
+    for _ in range(3):
+        await wake_status(locking, "wrong")
+    assert await unlock(admin, {"address": "::ffff:127.0.0.1"}) == (
+        200, {"status": "ok", "unlocked": True},
+    )  # fmt: skip
+    assert await wake_status(locking) == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"not json", "the body must be JSON"),
+        ([], "address: required"),
+        ({"addr": "127.0.0.1"}, "address: required"),
+        ({"address": 5}, "address: required, a string"),
+        ({"address": "localhost"}, "address: 'localhost' is not an IP address"),
+        ({"address": "10.0.0.0/8"}, "address: '10.0.0.0/8' is not an IP address"),
+        ({"address": "x" * 500}, "address: '(not shown)' is not an IP address"),
+    ],
+)
+async def test_a_bad_unlock_is_400_naming_the_field(
+    aiohttp_client: Any, locking: Sidecar, body: Any, says: str
+) -> None:
+    admin = await admin_client(aiohttp_client, locking)
+    status, answer = await unlock(admin, body)
+    assert (status, answer["status"], answer["error"]) == (400, "error", "invalid_request")
+    assert answer["message"].startswith(says), answer
+    assert Scrape.of(locking.state.metrics.registry).value(P + "unlocks_total") == 0
+
+
+async def test_unlock_is_not_on_the_public_port(locking: Sidecar) -> None:
+    for _ in range(3):
+        await wake_status(locking, "wrong")
+    url = str(locking.client.make_url("/admin/unlock"))
+    status, _, body = await post(url, body={"address": "127.0.0.1"})
+    assert status in (404, 429) and body["error"] in ("not_found", "locked_out")
+    assert await wake_status(locking) == 429  # still locked

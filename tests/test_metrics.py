@@ -95,8 +95,9 @@ def test_every_spec_metric_exists_with_its_type_and_labels(short_tmp: Path) -> N
         family = scrape.families[name]
         assert family.type == kind, name
         assert label_names(family) == labels, name
-    # Nothing else but one documented extra (process collectors are off in tests).
-    assert set(scrape.families) == set(SPEC_METRICS) | {P + "limiter_fail_open"}
+    # Nothing else but the documented extras (process collectors are off in tests).
+    extras = {P + "limiter_fail_open", P + "unlocks"}
+    assert set(scrape.families) == set(SPEC_METRICS) | extras
 
 
 def test_spec_error_codes_and_statuses_are_the_bounded_label_sets() -> None:

@@ -29,6 +29,7 @@ from .. import tls
 from ..secrets import Secret, SecretSource, SecretSourceError
 from ..settings import (
     AGENT_NAME,
+    DEFAULT_ADMIN_LISTEN,
     DEFAULT_MIN_SECRET_LENGTH,
     DEFAULT_UPSTREAM_SOCKET,
     SECRET_ID,
@@ -410,7 +411,7 @@ class _Builder:
         p = "sidecar"
         listen = self.field(p, doc, "listen", _listen, Listen("0.0.0.0", 8080))
         admin_doc = self.obj("sidecar.admin", doc.get("admin", {}), ["listen"]) or {}
-        admin = self.field("sidecar.admin", admin_doc, "listen", _listen, Listen("127.0.0.1", 9090))
+        admin = self.field("sidecar.admin", admin_doc, "listen", _listen, DEFAULT_ADMIN_LISTEN)
         if listen and admin and listen.port == admin.port and listen.port != 0:
             self.bad("sidecar.admin.listen", "must not share the public port")
         tls = self.tls(doc["tls"]) if "tls" in doc else None

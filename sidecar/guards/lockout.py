@@ -6,6 +6,11 @@ sliding ``window``, that address is refused with 429 ``locked_out`` for
 tell an attacker when a guess was right (OpenClaw's gateway does exactly that).
 A success does not reset the count: it may be a bystander behind the same NAT.
 
+A lock is logged once, at warning, when it starts (a locked address is refused
+before auth, so it adds no failures). An operator releases it with
+``webhook-sidecar unlock`` (``POST /admin/unlock``, :func:`address_key`); a
+reload (SIGHUP) does not: the table lives in the process state, not the config.
+
 IPv6 clients are grouped by /64, the block one subscriber usually gets (one
 host can walk through 2^64 addresses of its own).
 
@@ -20,7 +25,9 @@ from the front rescans its deleted slots on every ``next(iter())``: O(n) each).
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
+import logging
 import math
 import time
 from array import array
@@ -35,6 +42,8 @@ from ..settings import Lockout, Settings
 # so a flood of addresses leaves the whole process near its usual size. More would
 # not buy security: whoever makes 25k addresses fail within one window has 25k
 # addresses, each with maxFailures guesses, whatever the table remembers.
+log = logging.getLogger("sidecar.lockout")
+
 DEFAULT_MAX_ENTRIES = 25_000
 DEFAULT_MAX_TIMES = 250_000
 
@@ -46,7 +55,29 @@ def client_key(call: Call) -> str:
     addr = call.client_addr
     if addr is None or addr.version == 4:
         return call.client_ip  # str(addr), or "unknown" for a malformed forwarded chain
+    return _v6_key(addr)
+
+
+def _v6_key(addr: ipaddress.IPv6Address) -> str:
     return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
+
+
+def address_key(text: str) -> str:
+    """The lockout key for an address an operator typed (``unlock``): an IPv4 address,
+    an IPv6 address (its /64) or the /64 itself as the log spells it; an IPv4-mapped
+    IPv6 address is its IPv4 address, as for calls. Raises ValueError otherwise."""
+    text = text.strip()
+    if "/" in text:
+        network = ipaddress.ip_network(text, strict=False)
+        if network.version != 6 or network.prefixlen != 64:
+            raise ValueError("a network must be an IPv6 /64 (IPv4 addresses are locked alone)")
+        return str(network)
+    addr = ipaddress.ip_address(text)
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return _v6_key(addr)
+    return str(addr)
 
 
 class LockoutTable:
@@ -86,6 +117,13 @@ class LockoutTable:
             del self.locks[key]
             return 0.0
         return until - now
+
+    def unlock(self, key: str, now: float) -> bool:
+        """Forget ``key``'s lock and its failures; True when it was locked."""
+        locked = self.locked_for(key, now) > 0  # an ended lock is dropped here too
+        self.locks.pop(key, None)
+        self._failures.pop(key, None)
+        return locked
 
     def record_failure(self, key: str, policy: Lockout, now: float) -> bool:
         """Count one failure at ``now``; True when it locked ``key``."""
@@ -178,11 +216,21 @@ def auth_lockout(settings: Settings, table: LockoutTable) -> Guard:
 
 
 def failure_recorder(settings: Settings, table: LockoutTable) -> FailureRecorder:
-    """What bearer auth calls on every failed authentication."""
+    """What bearer auth calls on every failed authentication: count it, and log the lock
+    once, when it starts (a locked address is refused before auth, so it fails no more)."""
     policy = settings.sidecar.auth_lockout
     clock = time.monotonic
 
     def record(call: Call) -> None:
-        table.record_failure(client_key(call), policy, clock())
+        key = client_key(call)
+        if table.record_failure(key, policy, clock()):
+            until = dt.datetime.fromtimestamp(time.time() + policy.duration, dt.UTC)
+            stamp = until.isoformat(timespec="seconds").replace("+00:00", "Z")
+            log.warning(
+                "address locked out: %s failed to authenticate %d times within %gs; "
+                "refused until %s (release: webhook-sidecar unlock -c FILE %s)",
+                key, policy.max_failures, policy.window, stamp, key,
+                extra={"address": key, "failures": policy.max_failures, "until": stamp},
+            )  # fmt: skip
 
     return record

@@ -33,7 +33,8 @@ of the single-process server (:mod:`sidecar.server`), each on its own event loop
   PIPE_BUF bytes per write, so lines never interleave (:mod:`sidecar.logs`).
 
 What stays per worker: the memory rate-limit buckets, ``maxConcurrent``, the
-auth lockout table and ``limits.maxConnections`` (``check-config`` warns).
+auth lockout table and ``limits.maxConnections`` (``check-config`` warns). The
+supervisor's ``POST /admin/unlock`` is passed on to every worker's lockout table.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from .. import config, logs
+from ..admin import FANOUT_HEADER, BadUnlock, bad_unlock, log_unlock, unlock_key
 from ..settings import Listen, Settings
 from .server import ListenError, serve, start_site
 from .startup import log_startup
@@ -232,6 +234,7 @@ class Supervisor:
         self.draining = False
         self.gave_up = False
         self.restarts = 0
+        self.unlocks = 0  # operators' POST /admin/unlock, each passed on to every worker
         self.retired: Families = {}  # counts of workers that were replaced
         self._stop = asyncio.Event()
         self._watchers: list[asyncio.Task[None]] = []
@@ -396,8 +399,11 @@ class Supervisor:
 
     # -- admin listener
 
-    async def _ask(self, worker: Worker, path: str) -> tuple[int, str]:
-        """GET ``path`` from a worker's admin app; (0, reason) when it does not answer."""
+    async def _ask(
+        self, worker: Worker, path: str, post: dict[str, str] | None = None
+    ) -> tuple[int, str]:
+        """GET ``path`` from a worker's admin app (or POST ``post`` as JSON, marked as the
+        supervisor's fan-out); (0, reason) when it does not answer."""
         if not worker.running:
             return 0, "not running"
         try:
@@ -406,7 +412,12 @@ class Supervisor:
                     connector=aiohttp.UnixConnector(path=worker.socket),
                     timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT),
                 ) as session,
-                session.get(f"http://worker{path}") as resp,
+                session.request(
+                    "GET" if post is None else "POST",
+                    f"http://worker{path}",
+                    json=post,
+                    headers=None if post is None else {FANOUT_HEADER: "1"},
+                ) as resp,
             ):
                 return resp.status, await resp.text()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -417,6 +428,7 @@ class Supervisor:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", _metrics_handler(self._gather_metrics))
+        app.router.add_post("/admin/unlock", self._unlock)
         self._admin = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self._admin.setup()
         a = self.settings.sidecar.admin_listen
@@ -445,6 +457,34 @@ class Supervisor:
                 return unavailable(f"worker {worker.index}: {reason}")
         return web.json_response({"status": "ok", "workers": len(running)})
 
+    async def _unlock(self, request: web.Request) -> web.Response:
+        """The lockout table is per worker: release the address in every running one
+        (a worker started later begins with an empty table). Logged and counted once."""
+        try:
+            key = await unlock_key(request)
+        except BadUnlock as exc:
+            return bad_unlock(exc)
+        running = [w for w in self.workers if w.running]
+        answers = await asyncio.gather(
+            *(self._ask(w, "/admin/unlock", {"address": key}) for w in running)
+        )
+        unlocked, missed = False, []
+        for worker, (status, text) in zip(running, answers, strict=True):
+            if status == 200:
+                unlocked = unlocked or json.loads(text).get("unlocked") is True
+            else:
+                missed.append(worker.index)
+        self.unlocks += 1
+        log_unlock(key, unlocked)
+        if missed:
+            log.error("unlock %s: workers %s did not answer", key, missed)
+            return web.json_response(
+                {"status": "error", "error": "workers_unavailable", "unlocked": unlocked,
+                 "message": f"workers {missed} did not answer; try again"},
+                status=503,
+            )  # fmt: skip
+        return web.json_response({"status": "ok", "unlocked": unlocked})
+
     async def _gather_metrics(self) -> Families:
         running = [w for w in self.workers if w.running]
         answers = await asyncio.gather(*(self._ask(w, "/metrics") for w in running))
@@ -461,6 +501,11 @@ class Supervisor:
             p + "workers": Family(
                 p + "workers", "gauge", "Worker processes running (sidecar.workers).",
                 {(p + "workers", ()): float(running)},
+            ),
+            p + "unlocks": Family(  # counted here: a worker does not count a fan-out
+                p + "unlocks", "counter", "Addresses released from the auth lockout by an "
+                "operator (POST /admin/unlock).",
+                {(p + "unlocks_total", ()): float(self.unlocks)},
             ),
             p + "worker_restarts": Family(
                 p + "worker_restarts", "counter", "Worker processes that exited and were "

@@ -1,18 +1,26 @@
 """Brute-force lockout (``sidecar.authLockout``): over real sockets, the lock engages after
 exactly ``maxFailures``, refuses the valid token too, is per client address (the resolved
-one, behind a trusted proxy) and ends after ``duration``; the table stays bounded."""
+one, behind a trusted proxy) and ends after ``duration``; the table stays bounded. The real
+process logs a lock once and ``webhook-sidecar unlock`` releases it, under workers too."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
+import subprocess
+import sys
 import time
 import tracemalloc
+import urllib.error
+import urllib.request
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from support.clients import post
-from support.common import SECRET, Runtime, base_doc
+from support.common import AGENT, SECRET, Runtime, base_doc, free_port, write_config
 
 from sidecar.guards.lockout import LockoutTable, client_key
 from sidecar.settings import Lockout
@@ -200,3 +208,128 @@ def test_memory_stays_bounded_under_a_many_address_flood() -> None:
     assert len(table) == table.max_entries == 25_000
     assert used < 10e6, used  # measured about 6 MB
     assert elapsed < 60  # O(1) per failure; a quadratic eviction takes far longer
+
+
+# ------------------------------------------- the real process: logged once, `unlock` CLI
+
+
+def call(port: int, token: str) -> int:
+    """One wake on a fresh connection (under workers: any worker the kernel picks)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/hooks/wake",
+        data=json.dumps({"agent": AGENT}).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def ready(admin: int) -> None:
+    """Wait for /readyz 200: under workers the supervisor answers /healthz before them."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, "not ready"
+            time.sleep(0.05)
+
+
+def unlock_cli(config_path: Path, address: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", "unlock", "-c", str(config_path), address],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def process_doc(runtime: Runtime, **sidecar: Any) -> dict[str, Any]:
+    return base_doc(
+        runtime.path,
+        listen=f"127.0.0.1:{free_port()}",
+        admin={"listen": f"127.0.0.1:{free_port()}"},
+        authLockout={"maxFailures": 3, "duration": "5m"},
+        **sidecar,
+    )
+
+
+def ports(doc: dict[str, Any]) -> tuple[int, int]:
+    s = doc["sidecar"]
+    return int(s["listen"].rsplit(":", 1)[1]), int(s["admin"]["listen"].rsplit(":", 1)[1])
+
+
+async def test_a_lock_is_logged_once_and_the_unlock_cli_releases_it(
+    runtime: Runtime, short_tmp: Path, sidecar_process: Any
+) -> None:
+    doc = process_doc(runtime)
+    port, admin = ports(doc)
+    path = write_config(short_tmp, doc)
+    proc = sidecar_process(path, admin)
+    statuses = [await asyncio.to_thread(call, port, "wrong") for _ in range(5)]
+    assert statuses == [401, 401, 401, 429, 429]
+    assert await asyncio.to_thread(call, port, SECRET) == 429
+    before = time.time()
+    await asyncio.sleep(0.2)  # the log writer is a thread
+    [locked] = [e for e in proc.json_lines() if e.get("msg", "").startswith("address locked out")]
+    assert locked["level"] == "warning"
+    assert (locked["address"], locked["failures"]) == ("127.0.0.1", 3)
+    until = datetime.fromisoformat(locked["until"])  # RFC 3339, UTC
+    assert locked["until"].endswith("Z") and until.tzinfo is not None
+    assert before + 290 < until.timestamp() < before + 301
+    assert SECRET not in proc.output()
+
+    result = await asyncio.to_thread(unlock_cli, path, "127.0.0.1")
+    assert (result.returncode, result.stdout) == (0, "127.0.0.1: unlocked\n"), result.stderr
+    assert await asyncio.to_thread(call, port, SECRET) == 200
+    result = await asyncio.to_thread(unlock_cli, path, "::ffff:127.0.0.1")  # mapped spelling
+    assert (result.returncode, result.stdout) == (0, "::ffff:127.0.0.1: was not locked "
+                                                     "(nothing to release)\n")  # fmt: skip
+    await asyncio.sleep(0.2)
+    unlocks = [e for e in proc.json_lines() if e.get("msg", "").startswith("unlock 127.0.0.1")]
+    assert [(e["level"], e["unlocked"]) for e in unlocks] == [("warning", True), ("warning", False)]
+
+
+async def test_unlock_cli_errors(runtime: Runtime, short_tmp: Path, sidecar_process: Any) -> None:
+    doc = process_doc(runtime)
+    admin = ports(doc)[1]
+    path = write_config(short_tmp, doc)
+    down = await asyncio.to_thread(unlock_cli, path, "127.0.0.1")  # nothing runs yet
+    assert down.returncode == 1
+    assert f"cannot reach the admin listener at http://127.0.0.1:{admin}/admin/unlock" in (
+        down.stderr
+    )
+    sidecar_process(path, admin)
+    bad = await asyncio.to_thread(unlock_cli, path, "not-an-address")
+    assert bad.returncode == 2 and "400" in bad.stderr and "address:" in bad.stderr
+    missing = await asyncio.to_thread(unlock_cli, short_tmp / "nope.json5", "127.0.0.1")
+    assert missing.returncode == 2 and "cannot read config file" in missing.stderr
+
+
+async def test_under_workers_the_unlock_reaches_every_worker(
+    runtime: Runtime, short_tmp: Path, sidecar_process: Any
+) -> None:
+    """Each worker keeps its own lockout table; the supervisor's admin passes the unlock
+    on to all of them. New connections are spread over the workers by the kernel, so 30
+    failures lock the address in both (each needs 3), and 12 valid calls after the unlock
+    would meet a worker still locking it if the unlock reached only one."""
+    doc = process_doc(runtime, workers=2)
+    port, admin = ports(doc)
+    path = write_config(short_tmp, doc)
+    proc = sidecar_process(path, admin)
+    await asyncio.to_thread(ready, admin)
+    for _ in range(30):
+        await asyncio.to_thread(call, port, "wrong")
+    assert [await asyncio.to_thread(call, port, SECRET) for _ in range(12)] == [429] * 12
+    result = await asyncio.to_thread(unlock_cli, path, "127.0.0.1")
+    assert (result.returncode, result.stdout) == (0, "127.0.0.1: unlocked\n"), result.stderr
+    assert [await asyncio.to_thread(call, port, SECRET) for _ in range(12)] == [200] * 12
+    await asyncio.sleep(0.2)
+    unlocks = [e for e in proc.json_lines() if e.get("msg", "").startswith("unlock ")]
+    assert len(unlocks) == 1 and "worker" not in unlocks[0]  # the supervisor's, once
+    metrics = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5).read()
+    )
+    assert b"webhook_sidecar_unlocks_total 1.0" in metrics
