@@ -26,11 +26,9 @@ if __name__ == "__main__":  # instrument what is fuzzed, so libFuzzer sees its b
 
     with atheris.instrument_imports(include=["sidecar"]):
         from sidecar.call import Reject
-
         from sidecar.guards import auth, body, clientip
 else:
     from sidecar.call import Reject
-
     from sidecar.guards import auth, body, clientip
 
 TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))

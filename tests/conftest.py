@@ -2,44 +2,27 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import threading
-import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from support.common import (
-    AGENT,
-    OTHER_SECRET,
     SECRET,
-    SEED_EXAMPLE,
     ListWriter,
+    MakeSidecar,
     PublicTestServer,
     Runtime,
     Sidecar,
     SidecarProcess,
     base_doc,
-    free_port,
-    read_reply,
-    serve_unix,
-    terminate,
     write_config,
 )
 
-from sidecar import config, devruntime
-from sidecar.app import PublicRunner, State, create_app
+from sidecar import config
+from sidecar.app import State, create_app
 from sidecar.logs import AuditLog
 from sidecar.metrics import Metrics
 
@@ -66,13 +49,13 @@ async def runtime(short_tmp: Path) -> AsyncIterator[Runtime]:
 
 
 @pytest.fixture
-async def make_sidecar(aiohttp_client: Any, short_tmp: Path) -> Callable[[dict[str, Any]], Any]:
+async def make_sidecar(aiohttp_client: Any, short_tmp: Path) -> MakeSidecar:
     """Build a sidecar from a config document, loaded from a file like in production."""
 
     async def make(doc: dict[str, Any], now: float | None = None) -> Sidecar:
         settings = config.load(write_config(short_tmp, doc), now=now)
         audit = ListWriter()
-        state = State(settings, Metrics(), AuditLog(audit))  # type: ignore[arg-type]
+        state = State(settings, Metrics(), AuditLog(audit))
         client = await aiohttp_client(PublicTestServer(create_app(state)))
         return Sidecar(client, state, audit)
 
@@ -80,7 +63,7 @@ async def make_sidecar(aiohttp_client: Any, short_tmp: Path) -> Callable[[dict[s
 
 
 @pytest.fixture
-async def sidecar(make_sidecar: Any, runtime: Runtime) -> Sidecar:
+async def sidecar(make_sidecar: MakeSidecar, runtime: Runtime) -> Sidecar:
     """The default sidecar in front of the reference runtime."""
     return await make_sidecar(base_doc(runtime.path))
 

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.common import AGENT, SECRET, Runtime, Sidecar, base_doc, free_port, write_config
+from support.common import (
+    AGENT,
+    SECRET,
+    MakeSidecar,
+    Runtime,
+    Sidecar,
+    base_doc,
+    free_port,
+    write_config,
+)
 from support.rawhttp import RawResponse, chunked, exchange, request
 
 AUTH = ("Authorization", f"Bearer {SECRET}")
@@ -53,7 +62,7 @@ def assert_outcome(resp: RawResponse, want: tuple[int, str] | str | int) -> None
 
 
 @pytest.fixture
-async def sc(make_sidecar: Any, runtime: Runtime) -> Sidecar:
+async def sc(make_sidecar: MakeSidecar, runtime: Runtime) -> Sidecar:
     """The default sidecar, with a lockout loose enough for a table of refusals."""
     return await make_sidecar(base_doc(runtime.path, authLockout={"maxFailures": 10_000}))
 

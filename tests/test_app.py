@@ -1,5 +1,6 @@
-"""The public API end to end (docs/http-api.md): real loopback sockets in front of the reference
-runtime on a real Unix socket. One test per error path, in the order docs/http-api.md checks them."""
+"""The public API end to end (docs/http-api.md): real loopback sockets in front of the
+reference runtime on a real Unix socket. One test per error path, in the order
+docs/http-api.md checks them."""
 
 from __future__ import annotations
 

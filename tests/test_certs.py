@@ -67,7 +67,9 @@ def test_keys_match_their_certificates(pki: Path) -> None:
         x509.IPAddress(ipaddress.ip_address("::1")),
     ],
 )
-def test_server_chain_verifies_for_each_host(pki: Path, name: x509.GeneralName) -> None:
+def test_server_chain_verifies_for_each_host(
+    pki: Path, name: x509.DNSName | x509.IPAddress
+) -> None:
     verifier = PolicyBuilder().store(Store([load(pki / "ca.pem")])).build_server_verifier(name)
     chain = verifier.verify(load(pki / "server.pem"), [])
     assert chain[-1] == load(pki / "ca.pem")

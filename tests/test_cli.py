@@ -166,9 +166,9 @@ def test_demo_answers_its_own_curl_commands(short_tmp: Path) -> None:
             printed.append(line)
             if "Ctrl-C" in line:
                 break
-        secret = next(l.split()[-1] for l in printed if l.startswith("secret"))
+        secret = next(line.split()[-1] for line in printed if line.startswith("secret"))
         assert re.fullmatch(r"[0-9a-f]{64}", secret)
-        curls = [shlex.split(l.strip()) for l in printed if l.strip().startswith("curl ")]
+        curls = [shlex.split(line.strip()) for line in printed if line.strip().startswith("curl ")]
         assert len(curls) == 3
         results = []
         for argv in curls:
@@ -182,7 +182,7 @@ def test_demo_answers_its_own_curl_commands(short_tmp: Path) -> None:
             "webhook-session",
             "order-1234",
         ]
-        received = []
+        received: list[str] = []
         while len(received) < 3:
             line = proc.stdout.readline()
             if line.strip():

@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.common import OTHER_SECRET, SECRET, Runtime, Sidecar, base_doc
+from support.common import OTHER_SECRET, SECRET, MakeSidecar, Runtime, Sidecar, base_doc
 from support.rawhttp import exchange, request
 
 AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -42,7 +42,7 @@ SPEC_CODES = {
 
 
 @pytest.fixture
-async def sc(make_sidecar: Any, runtime: Runtime) -> Sidecar:
+async def sc(make_sidecar: MakeSidecar, runtime: Runtime) -> Sidecar:
     doc = base_doc(
         runtime.path, authLockout={"maxFailures": 10**6}, limits={"maxMessageChars": MAX_MESSAGE}
     )
@@ -110,7 +110,7 @@ messages = mostly(
 
 
 @st.composite
-def bodies(draw: Any) -> bytes:
+def bodies(draw: st.DrawFn) -> bytes:
     kind = draw(st.integers(0, 9))
     if kind == 0:
         return draw(st.binary(max_size=60))
@@ -176,7 +176,7 @@ requests = st.builds(
 )
 
 
-# ---------------------------------------------------------------- docs/http-api.md, read independently
+# ------------------------------------------------------ docs/http-api.md, read independently
 
 
 def expected(req: Req) -> tuple[int, str, dict[str, Any] | None]:

@@ -185,12 +185,13 @@ def test_a_reject_code_missing_from_the_list_is_still_counted() -> None:
 
 
 def _reject_literals() -> list[tuple[str, int, object, object]]:
-    found = []
+    found: list[tuple[str, int, object, object]] = []
     for path in SIDECAR_SRC.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Reject":
                 args = [a.value if isinstance(a, ast.Constant) else None for a in node.args[:2]]
-                found.append((str(path.relative_to(SIDECAR_SRC)), node.lineno, *args))
+                status, code = (*args, None, None)[:2]  # the status and the error code
+                found.append((str(path.relative_to(SIDECAR_SRC)), node.lineno, status, code))
     return found
 
 

@@ -241,7 +241,8 @@ async def test_reload_cannot_turn_tls_off(
         write_config(short_tmp, doc)
         assert not await server.reload()
         [refused] = [r for r in caplog.records if r.getMessage().startswith("reload refused")]
-        assert refused.problems == ["sidecar.tls: turning TLS on or off needs a restart"]
+        problems = refused.problems  # type: ignore[attr-defined]
+        assert problems == ["sidecar.tls: turning TLS on or off needs a restart"]
         assert (await post(url(doc), ssl_context=client_context(pki["a"] / "ca.pem")))[0] == 200
 
 

@@ -1,5 +1,5 @@
-"""Config loading (docs/configuration.md): the seed's example loads, every mistake names its key path,
-and no message ever contains a secret."""
+"""Config loading (docs/configuration.md): the seed's example loads, every mistake names its
+key path, and no message ever contains a secret."""
 
 from __future__ import annotations
 
@@ -80,9 +80,14 @@ def test_the_full_spec_example_loads(tmp_path: Path, monkeypatch: pytest.MonkeyP
       },
       sidecar: {
         listen: "0.0.0.0:8080",
-        tls: { certFile: "cert.pem", keyFile: "key.pem", clientCaFile: "ca.pem", minVersion: "1.2" },
+        tls: {
+          certFile: "cert.pem", keyFile: "key.pem", clientCaFile: "ca.pem", minVersion: "1.2",
+        },
         admin: { listen: "127.0.0.1:9090" },
-        upstream: { socket: "/run/agent/hooks.sock", protocol: "forward", token: { file: "upstream-token" }, timeout: "10s" },
+        upstream: {
+          socket: "/run/agent/hooks.sock", protocol: "forward",
+          token: { file: "upstream-token" }, timeout: "10s",
+        },
         allowIps: ["10.0.0.0/8", "2001:db8::/32"],
         trustedProxies: ["10.0.0.5/32"],
         rateLimit: {
@@ -92,7 +97,9 @@ def test_the_full_spec_example_loads(tmp_path: Path, monkeypatch: pytest.MonkeyP
           failOpen: false,
         },
         authLockout: { maxFailures: 10, window: "1m", duration: "5m" },
-        limits: { maxBodyBytes: 65536, maxMessageChars: 32768, headerTimeout: "10s", bodyTimeout: "10s" },
+        limits: {
+          maxBodyBytes: 65536, maxMessageChars: 32768, headerTimeout: "10s", bodyTimeout: "10s",
+        },
         minSecretLength: 32,
         shutdownTimeout: "15s",
         log: { level: "info", format: "json" },

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -174,8 +175,8 @@ def maybe(value: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 
 
 def obj(
-    fields: dict[str, st.SearchStrategy[Any]], misspell: list[str] = ()
-) -> st.SearchStrategy[dict[str, Any]]:  # type: ignore[assignment]
+    fields: dict[str, st.SearchStrategy[Any]], misspell: Sequence[str] = ()
+) -> st.SearchStrategy[dict[str, Any]]:
     """An object with any subset of ``fields`` (each ``maybe``), and now and then an
     unknown key or a misspelling of a known one."""
     extra = st.sampled_from([*misspell, "unknown", "__proto__", "", "\ud800"])
@@ -486,7 +487,7 @@ def check(text: str) -> None:
 async def build(loaded: Settings) -> None:
     """What `run` does next with a config that loaded: build the guards, the forwarder,
     the pool and the limiter (no connection is opened). It must not fail either."""
-    state = State(loaded, Metrics(), AuditLog(ListWriter()))  # type: ignore[arg-type]
+    state = State(loaded, Metrics(), AuditLog(ListWriter()))
     state.apply(loaded)
     state.close()
     await state.close_limiters()

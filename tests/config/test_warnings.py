@@ -215,7 +215,7 @@ def test_the_real_command_and_its_exit_codes(short_tmp: Path) -> None:
 def test_a_lone_surrogate_in_a_key_is_printed_escaped_not_a_traceback(short_tmp: Path) -> None:
     """The real process: stdout is strict UTF-8, so an unescaped surrogate would raise."""
     path = short_tmp / "config.json5"
-    path.write_text('{webhooks: {secret: "%s", agents: {"\\ud800": {}}}}' % INLINE)
+    path.write_text(f'{{webhooks: {{secret: "{INLINE}", agents: {{"\\ud800": {{}}}}}}}}')
     result = subprocess.run(
         [sys.executable, "-m", "sidecar", "check-config", "-c", str(path)],
         capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONIOENCODING": "utf-8"},

@@ -61,7 +61,7 @@ async def test_ipv6_peers(
     short_tmp: Any, runtime: Runtime, allow: list[str], expected: int
 ) -> None:
     settings = config.load(write_config(short_tmp, base_doc(runtime.path, allowIps=allow)))
-    state = State(settings, Metrics(), AuditLog(ListWriter()))  # type: ignore[arg-type]
+    state = State(settings, Metrics(), AuditLog(ListWriter()))
     app: web.Application = create_app(state)
     server = PublicTestServer(app, host="::1")
     await server.start_server()

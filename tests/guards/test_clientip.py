@@ -1,6 +1,6 @@
-"""Who the client is (docs/http-api.md "Client address"): the TCP peer, or behind trusted proxies the
-right-most untrusted X-Forwarded-For hop. Truth tables for the parsing and the walk, then
-real sockets: the sidecar on 127.0.0.1 trusting 127.0.0.1, clients bound to 127.0.0.1 (the
+"""Who the client is (docs/http-api.md "Client address"): the TCP peer, or behind trusted
+proxies the right-most untrusted X-Forwarded-For hop. Truth tables for the parsing and the walk,
+then real sockets: the sidecar on 127.0.0.1 trusting 127.0.0.1, clients bound to 127.0.0.1 (the
 proxy) or 127.0.0.2 (an untrusted peer)."""
 
 from __future__ import annotations

@@ -116,6 +116,7 @@ async def test_no_limits_configured_means_no_guards_and_no_headers(
 ) -> None:
     status, headers, _ = await sidecar.post("/hooks/wake", WAKE)
     assert status == 200 and "RateLimit" not in headers
+    assert sidecar.state.runtime is not None
     assert "ratelimit" not in " ".join(g.__module__ for g in sidecar.state.runtime.guards)
 
 

@@ -63,7 +63,7 @@ def test_remaining_counts_whole_tokens_left() -> None:
     p = Policy("ip", RateLimit(requests=60, per=60.0, burst=5))
     (_, ahead_1), (_, ahead_2) = run(p, [0.0, 0.0])
     assert remaining(p, ahead_1) == 4 and remaining(p, ahead_2) == 3
-    assert remaining(p, 0.0) == 5  # a full bucket (no key)
+    assert remaining(p, 0) == 5  # a full bucket (no key)
     assert remaining(p, p.tolerance + 3) == 0  # never negative
 
 

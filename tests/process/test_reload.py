@@ -1,7 +1,7 @@
-"""Reload without downtime (docs/configuration.md, §8): the file watcher follows Kubernetes' ``..data`` swap,
-a broken config is refused while the running one keeps serving, and requests in flight
-finish under the config they started with. In this process (``Server``, fast polling) and
-in a real ``webhook-sidecar run`` process (default polling, SIGHUP)."""
+"""Reload without downtime (docs/configuration.md, docs/lifecycle.md): the file watcher follows
+Kubernetes' ``..data`` swap, a broken config is refused while the running one keeps serving, and
+requests in flight finish under the config they started with. In this process (``Server``, fast
+polling) and in a real ``webhook-sidecar run`` process (default polling, SIGHUP)."""
 
 from __future__ import annotations
 

@@ -240,7 +240,9 @@ async def in_flight(
 ) -> list[asyncio.Future[tuple[int, Any, Any]]]:
     """``n`` calls that the runtime holds for ``delay`` seconds, once all have reached it."""
     rt.delay = delay
-    calls = [asyncio.ensure_future(post(url(doc), BODY)) for _ in range(n)]
+    calls: list[asyncio.Future[tuple[int, Any, Any]]] = [
+        asyncio.ensure_future(post(url(doc), BODY)) for _ in range(n)
+    ]
     await until(lambda: rt.started == n)
     return calls
 

@@ -113,7 +113,7 @@ async def running_server(
     """``Server`` (both listeners, TLS, reload, the file watcher) in this process."""
     settings = config.load(write_config(folder, doc))
     audit = ListWriter()
-    server = Server(settings, AuditLog(audit), Metrics(), watch_interval=watch_interval)  # type: ignore[arg-type]
+    server = Server(settings, AuditLog(audit), Metrics(), watch_interval=watch_interval)
     await server.start()
     try:
         yield server, audit

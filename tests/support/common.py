@@ -5,27 +5,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar import config, devruntime
-from sidecar.app import PublicRunner, State, create_app
-from sidecar.logs import AuditLog
-from sidecar.metrics import Metrics
+from sidecar import devruntime
+from sidecar.app import PublicRunner, State
 
 SECRET = "8f3a1c2e9b7d4f6a0c5e8b1d3f7a9c2e4b6d8f0a1c3e5b7d9f2a4c6e8b0d1f3a"
 
@@ -171,6 +166,10 @@ class Sidecar:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
         async with self.client.post(path, data=data, headers=h) as resp:
             return await read_reply(resp)
+
+
+# The ``make_sidecar`` fixture (conftest.py): a config document in, a :class:`Sidecar` out.
+MakeSidecar = Callable[..., Awaitable[Sidecar]]
 
 
 class SidecarProcess:

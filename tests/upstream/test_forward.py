@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from support.common import AGENT, Runtime, Sidecar, base_doc, free_port
+from support.common import AGENT, MakeSidecar, Runtime, Sidecar, base_doc, free_port
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -102,7 +102,7 @@ def json_reply(status: int, body: Any = None, headers: dict[str, str] | None = N
     return handler
 
 
-async def upstream_sidecar(make_sidecar: Any, short_tmp: Path, **upstream: Any) -> Sidecar:
+async def upstream_sidecar(make_sidecar: MakeSidecar, short_tmp: Path, **upstream: Any) -> Sidecar:
     doc = base_doc(short_tmp / "fake.sock")
     doc["sidecar"]["upstream"].update(upstream)
     return await make_sidecar(doc)
@@ -273,7 +273,8 @@ async def test_connections_are_reused(make_sidecar: Any, short_tmp: Path) -> Non
                 break
             await reader.readexactly(content_length(head))
             writer.write(
-                b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Type: application/json\r\n\r\n{"ok":true}'
+                b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Type: application/json\r\n\r\n"
+                b'{"ok":true}'
             )
 
     async with raw_server(serve, short_tmp / "fake.sock"):
@@ -297,10 +298,8 @@ async def test_keep_alive_race_is_retried_once_on_a_fresh_connection(
         await reader.readexactly(content_length(head))
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
         await writer.drain()
-        try:
+        with contextlib.suppress(asyncio.IncompleteReadError):
             await reader.readuntil(b"\r\n\r\n")  # the reuse: close without answering
-        except asyncio.IncompleteReadError:
-            pass
 
     async with raw_server(one_shot, short_tmp / "fake.sock"):
         sc = await upstream_sidecar(make_sidecar, short_tmp)

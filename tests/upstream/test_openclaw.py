@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from support.common import AGENT, SECRET, Sidecar, base_doc, free_port
+from support.common import AGENT, SECRET, MakeSidecar, Sidecar, base_doc, free_port
 
 from sidecar import config
 from sidecar.admin import create_admin_app
@@ -143,7 +143,7 @@ def token_file(short_tmp: Path) -> Path:
 
 
 @pytest.fixture
-async def sc(make_sidecar: Any, gateway: FakeGateway, token_file: Path) -> Sidecar:
+async def sc(make_sidecar: MakeSidecar, gateway: FakeGateway, token_file: Path) -> Sidecar:
     return await make_sidecar(openclaw_doc(gateway, token_file, sessionKeyPrefixes=["order-"]))
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 import pytest
 from support import openclaw_gateway as ocg
-from support.common import SECRET, Sidecar, free_port, write_config
+from support.common import SECRET, MakeSidecar, Sidecar, free_port, write_config
 
 from sidecar.admin import create_admin_app
 
@@ -78,7 +78,7 @@ def token_file(short_tmp: Path, gateway: ocg.Gateway) -> Path:
 
 
 @pytest.fixture
-async def sc(make_sidecar: Any, gateway: ocg.Gateway, token_file: Path) -> Sidecar:
+async def sc(make_sidecar: MakeSidecar, gateway: ocg.Gateway, token_file: Path) -> Sidecar:
     return await make_sidecar(sidecar_doc(gateway, token_file))
 
 
@@ -278,7 +278,7 @@ async def test_agent_the_gateway_does_not_allow_is_502(
     status, _, body = await sc.post("/hooks/agent", {"agent": OPS, "message": "hello"})
     assert (status, body["error"]) == (502, "upstream_error")
     [record] = [r for r in caplog.records if hasattr(r, "upstreamStatus")]
-    assert record.upstreamStatus == 400  # type: ignore[attr-defined]
+    assert record.upstreamStatus == 400
     assert "allowedAgentIds" in record.upstreamError  # type: ignore[attr-defined]
 
 
@@ -416,7 +416,7 @@ async def test_wrong_upstream_token_is_502_and_never_blocks_the_right_one(
     results = [await wrong.post("/hooks/wake", {"agent": AGENT}) for _ in range(25)]
     assert {(s, b["error"]) for s, _, b in results} == {(502, "upstream_error")}
     loud = [r for r in caplog.records if hasattr(r, "upstreamStatus")]
-    assert {r.upstreamStatus for r in loud} == {401, 429}  # type: ignore[attr-defined]
+    assert {r.upstreamStatus for r in loud} == {401, 429}
     assert len(loud) == 2  # rate-limited: one line per kind, not 25
     assert gateway.hooks_token not in caplog.text
     # The gateway takes a valid token while it throttles the address: the right
