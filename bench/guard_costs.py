@@ -112,8 +112,8 @@ def cpu_seconds() -> float:
 
 async def run(args: argparse.Namespace, tmp: Path) -> None:
     from sidecar import config, logs
-    from sidecar.process import server
     from sidecar.metrics import Metrics
+    from sidecar.process import server
 
     secret = secrets.token_hex(32)
     sock = tmp / "rt.sock"
