@@ -64,8 +64,15 @@ from pathlib import Path
 import pytest
 from support import openclaw
 
-def test_install(tmp_path):
-    cache = Path(os.environ["FAKE_CACHE"])
+def test_install(tmp_path, monkeypatch):
+    cache, npm_log = Path(os.environ["FAKE_CACHE"]), Path(os.environ["FAKE_LOG"])
+    said = openclaw.install.announce
+
+    def announce(*args):
+        assert not npm_log.exists(), "npm ran before the announcement"
+        said(*args)
+
+    monkeypatch.setattr(openclaw.install, "announce", announce)
     with pytest.raises(openclaw.GatewayInstallError, match="fake npm refuses"):
         openclaw.ensure_installed(cache)
 """
@@ -77,9 +84,10 @@ exit 1
 """
 
 
-def test_announcement_is_shown_under_pytest_capture(tmp_path: Path) -> None:
+def test_announcement_is_shown_under_pytest_capture_before_npm_runs(tmp_path: Path) -> None:
     """A passing test's output is captured and never shown: the announcement
-    must reach the terminal anyway."""
+    must reach the terminal anyway, before npm runs (the inner test checks
+    that npm has not run yet when the announcement is made)."""
     (tmp_path / "conftest.py").write_text(INNER_CONFTEST)
     (tmp_path / "test_inner.py").write_text(INNER_TEST)
     bin_dir = tmp_path / "bin"
