@@ -2,7 +2,7 @@
 gateway behaves the way the sidecar's ``protocol: "openclaw"`` relies on.
 
 One gateway for the whole module (~10 s start, ~1 GB RSS). Each test pins one
-observed fact; docs/openclaw-gateway-notes.md explains them. When one of these
+observed fact; docs/openclaw.md explains them. When one of these
 fails after an openclaw upgrade, the sidecar's upstream code needs a look.
 """
 

@@ -2,7 +2,7 @@
 
 This is a helper package, not a test module. The sidecar's integration tests
 (``protocol: "openclaw"``, tests/upstream/test_openclaw_integration.py) and
-tests/support/test_openclaw_gateway.py use it; docs/openclaw-gateway-notes.md records what
+tests/support/test_openclaw_gateway.py use it; docs/openclaw.md records what
 the real gateway does. By job:
 
 - install.py: npm install of Node and openclaw into the cache folder (lock,
