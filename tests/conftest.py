@@ -20,11 +20,17 @@ from support.common import (
     base_doc,
     write_config,
 )
+from support.openclaw import install as openclaw_install
 
 from sidecar import config
 from sidecar.app import State, create_app
 from sidecar.logs import AuditLog
 from sidecar.metrics import Metrics
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The OpenClaw download (~900 MB) is announced past the output capture.
+    openclaw_install.use_pytest_config(config)
 
 
 @pytest.fixture
