@@ -27,6 +27,7 @@ import json5
 
 from .. import tls
 from ..secrets import Secret, SecretSource, SecretSourceError
+from .strength import weak_secret_reason
 from ..settings import (
     AGENT_NAME,
     DEFAULT_MIN_SECRET_LENGTH,
@@ -52,7 +53,6 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_DURATION = 365 * 86400.0
 # A secret with fewer distinct characters than this is a pattern, not a secret.
-_MIN_DISTINCT_SECRET_CHARS = 6
 
 
 class ConfigError(Exception):
@@ -290,8 +290,12 @@ class _Builder:
                     f"secret {secret.id!r} is shorter than minSecretLength ({min_len} characters); "
                     "generate one with `webhook-sidecar gen-secret`",
                 )
-            elif len(set(secret.value)) < _MIN_DISTINCT_SECRET_CHARS:
-                self.bad(label, f"secret {secret.id!r} is a repeated pattern, not a random secret")
+            elif (weak := weak_secret_reason(secret.value)) is not None:
+                self.bad(
+                    label,
+                    f"secret {secret.id!r} is weak: {weak}; "
+                    "generate one with `webhook-sidecar gen-secret`",
+                )
             for other in found[:index]:
                 if hmac.compare_digest(other.value, secret.value):
                     self.bad(
