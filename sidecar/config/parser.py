@@ -27,7 +27,6 @@ import json5
 
 from .. import tls
 from ..secrets import Secret, SecretSource, SecretSourceError
-from .strength import weak_secret_reason
 from ..settings import (
     AGENT_NAME,
     DEFAULT_MIN_SECRET_LENGTH,
@@ -48,6 +47,7 @@ from ..settings import (
     Upstream,
     Webhooks,
 )
+from .strength import weak_secret_reason
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -527,7 +527,14 @@ class _Builder:
 
     def limits(self, value: object) -> Limits | None:
         p = "sidecar.limits"
-        keys = ["maxBodyBytes", "maxMessageChars", "headerTimeout", "bodyTimeout", "maxConnections"]
+        keys = [
+            "maxBodyBytes",
+            "maxMessageChars",
+            "headerTimeout",
+            "bodyTimeout",
+            "maxConnections",
+            "maxConnectionsPerIp",
+        ]
         doc = self.obj(p, value, keys)
         if doc is None:
             return None
@@ -537,6 +544,7 @@ class _Builder:
             self.field(p, doc, "headerTimeout", parse_duration, 10.0),
             self.field(p, doc, "bodyTimeout", parse_duration, 10.0),
             self.field(p, doc, "maxConnections", _int_between(1, 1_000_000), 1024),
+            self.field(p, doc, "maxConnectionsPerIp", _int_between(1, 1_000_000), 64),
         )
 
     def readable_file(self, value: object) -> Path:

@@ -243,7 +243,10 @@ def test_bad_durations(value: Any) -> None:
             },
             "webhooks.secrets[0].notAfter: must be later than notBefore",
         ),
-        (minimal(secret="a" * 40), "webhooks.secret: secret 'default' is weak: it is one block repeated"),
+        (
+            minimal(secret="a" * 40),
+            "webhooks.secret: secret 'default' is weak: it is one block repeated",
+        ),
         (
             minimal(secret={"env": "WHS_UNSET_VARIABLE"}),
             "webhooks.secret.env: environment variable WHS_UNSET_VARIABLE is not set",

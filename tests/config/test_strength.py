@@ -75,10 +75,8 @@ def test_any_repeated_block_is_refused(block: str, times: int) -> None:
 
 
 def _doc(secret: str, min_len: int = 32) -> str:
-    return (
-        "{webhooks: {secret: %s, agents: {a: {}}}, sidecar: {minSecretLength: %d}}"
-        % (repr(secret).replace("'", '"'), min_len)
-    )
+    quoted = repr(secret).replace("'", '"')
+    return f"{{webhooks: {{secret: {quoted}, agents: {{a: {{}}}}}}, sidecar: {{minSecretLength: {min_len}}}}}"
 
 
 def test_a_weak_webhook_secret_is_a_config_error_that_hides_it() -> None:
@@ -91,10 +89,8 @@ def test_a_weak_webhook_secret_is_a_config_error_that_hides_it() -> None:
 
 
 def test_a_weak_secret_in_a_list_names_its_entry() -> None:
-    text = (
-        '{webhooks: {secrets: [{id: "ok", value: "%s"}, {id: "w", value: "%s"}], '
-        "agents: {a: {}}}}" % (generate_secret(), "welcome" + "1234567890" * 3)
-    )
+    ok, weak = generate_secret(), "welcome" + "1234567890" * 3
+    text = f'{{webhooks: {{secrets: [{{id: "ok", value: "{ok}"}}, {{id: "w", value: "{weak}"}}], agents: {{a: {{}}}}}}}}'  # noqa: E501
     with pytest.raises(ConfigError, match=r"webhooks.secrets\[1\]: secret 'w' is weak: it is a"):
         loads(text)
 
