@@ -76,8 +76,14 @@ def _printable(text: str) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def load(path: str | os.PathLike[str], *, now: float | None = None) -> Settings:
-    """Read and validate a config file. Raises :class:`ConfigError`."""
+def load(
+    path: str | os.PathLike[str], *, now: float | None = None, revoke: bool = False
+) -> Settings:
+    """Read and validate a config file. Raises :class:`ConfigError`.
+
+    With ``revoke`` (a reload), a secret whose file was deleted or emptied is left
+    out instead of failing the load: that is how a leaked secret is revoked, and it
+    must not keep working because the reload was refused (docs/connections.md)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -85,10 +91,12 @@ def load(path: str | os.PathLike[str], *, now: float | None = None) -> Settings:
         raise ConfigError([f"{p}: cannot read config file: {exc.strerror}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{p}: config file is not UTF-8"]) from None
-    return loads(text, path=p, now=now)
+    return loads(text, path=p, now=now, revoke=revoke)
 
 
-def loads(text: str, *, path: Path | None = None, now: float | None = None) -> Settings:
+def loads(
+    text: str, *, path: Path | None = None, now: float | None = None, revoke: bool = False
+) -> Settings:
     """Validate config text. Relative file paths are relative to ``path``'s folder."""
     where = str(path) if path is not None else "config"
     try:
@@ -99,7 +107,7 @@ def loads(text: str, *, path: Path | None = None, now: float | None = None) -> S
     except RecursionError:
         raise ConfigError([f"{where}: not valid JSON5: nested too deeply"]) from None
     base = path.parent if path is not None else Path.cwd()
-    return _Builder(base, time.time() if now is None else now).settings(doc, path)
+    return _Builder(base, time.time() if now is None else now, revoke).settings(doc, path)
 
 
 def _first_line(exc: Exception) -> str:
@@ -162,14 +170,17 @@ def parse_network(value: str) -> IPNetwork:
 
 T = TypeVar("T")
 _MISSING: Any = object()
+_REVOKED: Any = object()  # secret_value: a deleted or emptied secret file on reload
 
 
 class _Builder:
     """Walks the document once, collecting every problem with its key path."""
 
-    def __init__(self, base: Path, now: float) -> None:
+    def __init__(self, base: Path, now: float, revoke: bool = False) -> None:
         self.base = base
         self.now = now
+        self.revoke = revoke  # a deleted or emptied secret file drops that secret
+        self.revoked: list[str] = []
         self.problems: list[str] = []
 
     # -- generic readers ------------------------------------------------------
@@ -301,6 +312,8 @@ class _Builder:
                     self.bad(
                         label, f"secret {secret.id!r} has the same value as secret {other.id!r}"
                     )
+        if not found and self.revoked and len(self.problems) == 0:
+            return found  # every secret revoked: hooks answer 401, /readyz 503
         if found and not any(s.valid_at(self.now) for s in found):
             self.bad("webhooks.secrets", "no secret is valid now (check notBefore/notAfter)")
         return found
@@ -345,13 +358,16 @@ class _Builder:
             self.bad(_join(path, "notAfter"), "must be later than notBefore")
         scope = self.field(path, doc, "agents", _agent_list, None)
         loaded = self.secret_value(path, doc)
+        if loaded is _REVOKED:
+            self.revoked.append(str(secret_id))
+            return None
         if loaded is None or len(self.problems) > before:
             return None
         source, data = loaded
         assert secret_id is not None
         return Secret(secret_id, data, source, not_before, not_after, scope)
 
-    def secret_value(self, path: str, doc: Mapping[str, Any]) -> tuple[SecretSource, bytes] | None:
+    def secret_value(self, path: str, doc: Mapping[str, Any]) -> tuple[SecretSource, bytes] | Any:
         given = [k for k in ("value", "file", "env") if k in doc]
         if len(given) != 1:
             self.bad(path, "needs exactly one of 'value', 'file', 'env'")
@@ -366,8 +382,12 @@ class _Builder:
         try:
             data = source.read(raw)
         except SecretSourceError as exc:
+            if self.revoke and kind == "file" and not os.path.exists(where):
+                return _REVOKED  # deleted (or a dangling symlink): revoked, not an error
             self.bad(_join(path, kind), str(exc))
             return None
+        if not data and self.revoke and kind == "file":
+            return _REVOKED
         if not data:
             self.bad(_join(path, kind), "secret is empty")
             return None
