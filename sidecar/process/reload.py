@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import resource
 import stat
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -36,6 +37,7 @@ from aiohttp import web
 from .. import config, tls
 from ..app import State
 from ..settings import Settings
+from . import fdlimit
 
 log = logging.getLogger("sidecar.reload")
 
@@ -138,6 +140,11 @@ class Reloader:
     def _load(self, path: Path) -> tuple[Settings, tls.Loaded | None]:
         """Everything that can fail, done before anything is swapped (runs in a thread)."""
         settings = config.load(path, revoke=True)
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if (
+            too_many := fdlimit.problem(settings.sidecar.limits.max_connections, limit)
+        ) is not None:
+            raise config.ConfigError([too_many])
         old = self.state.settings.sidecar
         new = settings.sidecar
         if (old.tls is None) != (new.tls is None):
