@@ -283,6 +283,16 @@ async def test_connections_are_reused(make_sidecar: Any, short_tmp: Path) -> Non
     assert connections == 1
 
 
+EMPTY_200 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One whole request off a raw connection; its head."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(content_length(head))
+    return head
+
+
 async def test_a_call_the_runtime_read_is_never_sent_twice(
     make_sidecar: Any, short_tmp: Path
 ) -> None:
@@ -296,17 +306,13 @@ async def test_a_call_the_runtime_read_is_never_sent_twice(
     async def read_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
-        head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(content_length(head))
-        heads.append(head)
+        heads.append(await read_request(reader))
         if len(heads) > 1:
             writer.close()  # read it, then hang up without a byte of reply
             return
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        writer.write(EMPTY_200)
         await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")  # the reuse
-        await reader.readexactly(content_length(head))
-        heads.append(head)
+        heads.append(await read_request(reader))  # the reuse
         writer.close()
 
     async with raw_server(read_then_hang_up, short_tmp / "fake.sock"):
@@ -329,9 +335,8 @@ async def test_an_idle_connection_the_runtime_closed_is_replaced_transparently(
     async def short_keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
-        head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(content_length(head))
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await read_request(reader)
+        writer.write(EMPTY_200)
         await writer.drain()
         await asyncio.sleep(0.05)
         writer.close()
