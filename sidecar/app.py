@@ -48,7 +48,7 @@ def pipeline(settings: Settings, state: State, limiter: Limiter) -> list[Guard]:
         ip_allowlist(settings),  # 403 ip_not_allowed, before anything else
         auth_lockout(settings, state.lockout),  # 429 locked_out, valid token or not
         route(),  # 404 not_found, 405 method_not_allowed
-        no_token_in_query(),  # 400 token_in_query: URLs leak into logs
+        no_token_in_query(settings),  # 400 token_in_query: URLs leak into logs
         bearer_auth(settings, failure_recorder(settings, state.lockout)),  # 401 unauthorized
         # 429 rate_limited (per-IP, global), 503 limiter_unavailable: authenticated calls only
         client_limits(settings, limiter, state.metrics),

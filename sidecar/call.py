@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .secrets import equals_any
+
 if TYPE_CHECKING:
     from .secrets import Secret
     from .settings import Agent, IPAddress, Settings
@@ -60,10 +62,9 @@ class Call:
         self.request = request
         self.settings = settings
         self.started = time.perf_counter()
-        rid = request.headers.get("X-Request-Id")
-        self.request_id = (
-            rid if rid is not None and _REQUEST_ID.fullmatch(rid) else new_request_id()
-        )
+        # A fresh id; the client's own X-Request-Id is judged by guards/clientip.py, which
+        # knows whether the peer is a trusted proxy (adopt_request_id).
+        self.request_id = new_request_id()
         # The resolved client address (see guards/clientip.py): every later guard,
         # the audit log and the upstream X-Forwarded-For use it.
         self.client_ip: str = request.remote or ""
@@ -88,6 +89,22 @@ class Call:
         self.idempotency_key: str | None = None
         # Audit keys beyond the fixed ones (docs/audit-log.md), e.g. route, deliveryId.
         self.audit_extra: dict[str, object] | None = None
+
+    def adopt_request_id(self, trusted_peer: bool) -> None:
+        """Use the client's ``X-Request-Id`` when a trusted proxy sent it; from anyone
+        else keep it only in the audit line (``clientRequestId``), so a caller cannot
+        make its calls collide with another's in the logs (docs/audit-log.md). Values
+        that are not id-shaped are dropped either way."""
+        rid = self.request.headers.get("X-Request-Id")
+        if rid is None or not _REQUEST_ID.fullmatch(rid):
+            return
+        # A token pasted into the header is id-shaped too: never adopt or log it.
+        if equals_any(rid.encode(), self.settings.webhooks.secrets):
+            return
+        if trusted_peer:
+            self.request_id = rid
+        else:
+            self.audit("clientRequestId", rid)
 
     def on_done(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when the request ends, however it ends (e.g. release a slot)."""

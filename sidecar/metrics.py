@@ -256,6 +256,10 @@ class Metrics:
             # A code missing from ERROR_CODES (a test checks) still counts.
             self._rejections[(code,)] = self._rejections.get((code,), 0.0) + 1
 
+    def rejected(self, code: str) -> None:
+        """A refusal outside a request, e.g. a connection over maxConnectionsPerIp."""
+        self._rejections[(code,)] = self._rejections.get((code,), 0.0) + 1
+
     def observe_upstream(self, endpoint: str, seconds: float) -> None:
         self._upstream[endpoint].observe(seconds)
 

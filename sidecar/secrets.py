@@ -6,6 +6,7 @@ printed (repr, str, error messages) shows the id and the source, never the value
 
 from __future__ import annotations
 
+import hmac
 import os
 import secrets
 import stat
@@ -109,3 +110,13 @@ class Secret:
         return f"Secret(id={self.id!r}, source={self.source.describe()!r}, value=***)"
 
     __str__ = __repr__
+
+
+def equals_any(value: bytes, candidates: tuple[Secret, ...]) -> bool:
+    """Whether ``value`` is one of ``candidates``, compared in constant time with each of
+    them (no early exit): for input that must never be echoed into a log or refused
+    with a hint, e.g. a query parameter or an ``X-Request-Id`` carrying a token."""
+    found = False
+    for secret in candidates:
+        found |= hmac.compare_digest(value, secret.value)
+    return found

@@ -117,6 +117,9 @@ class Limits:
     header_timeout: float = 10.0
     body_timeout: float = 10.0
     max_connections: int = 1024  # open public connections per process (docs/configuration.md)
+    max_connections_per_ip: int = (
+        64  # per peer address, trusted proxies exempt (docs/connections.md)
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -505,7 +505,13 @@ BODY_CASES: dict[str, tuple[bytes, tuple[int, str] | int]] = {
     "NaN": (b'{"agent": "my-agent", "message": NaN}', (400, "invalid_json")),
     "Infinity": (b'{"agent": "my-agent", "message": Infinity}', (400, "invalid_json")),
     "-Infinity": (b'{"agent": "my-agent", "message": -Infinity}', (400, "invalid_json")),
-    "huge exponent": (b'{"agent": "my-agent", "message": 1e999}', (400, "invalid_request")),
+    # Overflows to infinity: no JSON encoder could send it on (docs/http-api.md).
+    "huge exponent": (b'{"agent": "my-agent", "message": 1e999}', (400, "invalid_json")),
+    "huge negative exponent": (b'{"agent": "my-agent", "extra": -1e999}', (400, "invalid_json")),
+    "infinite in a nested value": (
+        b'{"agent": "my-agent", "message": "x", "meta": {"a": [1, 1E400]}}',
+        (400, "invalid_json"),
+    ),
     "huge integer": (
         b'{"agent": "my-agent", "message": ' + b"9" * 5000 + b"}",
         (400, "invalid_json"),

@@ -63,11 +63,37 @@ async def test_default_session_is_webhook_colon_name(make_sidecar: Any, runtime:
     assert (status, body["session"]) == (200, "webhook:alert-handler")
 
 
-async def test_client_request_id_is_kept_when_well_formed(sidecar: Sidecar) -> None:
-    _, headers, body = await sidecar.post(
+async def test_client_request_id_is_adopted_only_from_a_trusted_proxy(
+    make_sidecar: Any, runtime: Runtime
+) -> None:
+    """From anyone else it could make a caller's calls collide with another's in the
+    logs: a fresh id is made and the client's kept in the audit line."""
+    sc = await make_sidecar(base_doc(runtime.path))  # the test client is not a proxy
+    _, headers, body = await sc.post(
+        "/hooks/wake", {"agent": AGENT}, headers={"X-Request-Id": "ci.run-7_a"}
+    )
+    assert body["requestId"] == headers["X-Request-Id"] != "ci.run-7_a"
+    [entry] = sc.audit.entries()
+    assert (entry["requestId"], entry["clientRequestId"]) == (body["requestId"], "ci.run-7_a")
+
+    proxied = await make_sidecar(base_doc(runtime.path, trustedProxies=["127.0.0.1/32"]))
+    _, headers, body = await proxied.post(
         "/hooks/wake", {"agent": AGENT}, headers={"X-Request-Id": "ci.run-7_a"}
     )
     assert body["requestId"] == headers["X-Request-Id"] == "ci.run-7_a"
+    assert "clientRequestId" not in proxied.audit.entries()[0]
+
+
+async def test_a_secret_sent_as_request_id_is_neither_adopted_nor_audited(
+    make_sidecar: Any, runtime: Runtime
+) -> None:
+    for trusted in ([], ["127.0.0.1/32"]):
+        sc = await make_sidecar(base_doc(runtime.path, trustedProxies=trusted))
+        _, headers, _ = await sc.post(
+            "/hooks/wake", {"agent": AGENT}, headers={"X-Request-Id": SECRET}
+        )
+        assert headers["X-Request-Id"] != SECRET
+        assert SECRET not in "\n".join(sc.audit.lines)
 
 
 @pytest.mark.parametrize("bad", ["", "has space", "x" * 65, "semi;colon", "ünï"])
@@ -158,14 +184,36 @@ async def test_other_methods_are_405_with_allow(sidecar: Sidecar, method: str) -
         assert resp.headers["Allow"] == "POST"
 
 
-@pytest.mark.parametrize("param", ["token", "access_token"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        f"token={SECRET}",
+        f"access_token={SECRET}",
+        "TOKEN=anything",
+        "Access_Token=x",
+        "secret=x",
+        "Key=x",
+        "api_key=x",
+        "APIKEY=x",
+        f"x=1&anything={SECRET}",  # a configured secret under any name
+    ],
+)
 async def test_token_in_query_is_400_even_when_valid(
-    sidecar: Sidecar, runtime: Runtime, param: str
+    sidecar: Sidecar, runtime: Runtime, query: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    status, headers, body = await sidecar.post(f"/hooks/agent?{param}={SECRET}", AGENT_BODY)
+    status, headers, body = await sidecar.post(f"/hooks/agent?{query}", AGENT_BODY)
     assert_error(status, body, headers, 400, "token_in_query")
-    assert SECRET not in str(body)
+    assert SECRET not in str(body) and SECRET not in caplog.text
+    assert SECRET not in "\n".join(sidecar.audit.lines)
     assert runtime.calls == []
+
+
+@pytest.mark.parametrize(
+    "query", ["page=2", "tokens=1", "monkey=x", "id=abc", f"sig={OTHER_SECRET}"]
+)
+async def test_other_query_parameters_pass(sidecar: Sidecar, query: str) -> None:
+    status, _, _ = await sidecar.post(f"/hooks/agent?{query}", AGENT_BODY)
+    assert status == 200
 
 
 # ---------------------------------------------------------------- authentication

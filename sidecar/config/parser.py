@@ -48,12 +48,12 @@ from ..settings import (
     Upstream,
     Webhooks,
 )
+from .strength import weak_secret_reason
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_DURATION = 365 * 86400.0
 # A secret with fewer distinct characters than this is a pattern, not a secret.
-_MIN_DISTINCT_SECRET_CHARS = 6
 
 
 class ConfigError(Exception):
@@ -77,8 +77,14 @@ def _printable(text: str) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def load(path: str | os.PathLike[str], *, now: float | None = None) -> Settings:
-    """Read and validate a config file. Raises :class:`ConfigError`."""
+def load(
+    path: str | os.PathLike[str], *, now: float | None = None, revoke: bool = False
+) -> Settings:
+    """Read and validate a config file. Raises :class:`ConfigError`.
+
+    With ``revoke`` (a reload), a secret whose file was deleted or emptied is left
+    out instead of failing the load: that is how a leaked secret is revoked, and it
+    must not keep working because the reload was refused (docs/connections.md)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -86,10 +92,12 @@ def load(path: str | os.PathLike[str], *, now: float | None = None) -> Settings:
         raise ConfigError([f"{p}: cannot read config file: {exc.strerror}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{p}: config file is not UTF-8"]) from None
-    return loads(text, path=p, now=now)
+    return loads(text, path=p, now=now, revoke=revoke)
 
 
-def loads(text: str, *, path: Path | None = None, now: float | None = None) -> Settings:
+def loads(
+    text: str, *, path: Path | None = None, now: float | None = None, revoke: bool = False
+) -> Settings:
     """Validate config text. Relative file paths are relative to ``path``'s folder."""
     where = str(path) if path is not None else "config"
     try:
@@ -100,7 +108,7 @@ def loads(text: str, *, path: Path | None = None, now: float | None = None) -> S
     except RecursionError:
         raise ConfigError([f"{where}: not valid JSON5: nested too deeply"]) from None
     base = path.parent if path is not None else Path.cwd()
-    return _Builder(base, time.time() if now is None else now).settings(doc, path)
+    return _Builder(base, time.time() if now is None else now, revoke).settings(doc, path)
 
 
 def _first_line(exc: Exception) -> str:
@@ -176,14 +184,17 @@ def parse_network(value: str) -> IPNetwork:
 
 T = TypeVar("T")
 _MISSING: Any = object()
+_REVOKED: Any = object()  # secret_value: a deleted or emptied secret file on reload
 
 
 class _Builder:
     """Walks the document once, collecting every problem with its key path."""
 
-    def __init__(self, base: Path, now: float) -> None:
+    def __init__(self, base: Path, now: float, revoke: bool = False) -> None:
         self.base = base
         self.now = now
+        self.revoke = revoke  # a deleted or emptied secret file drops that secret
+        self.revoked: list[str] = []
         self.problems: list[str] = []
 
     # -- generic readers ------------------------------------------------------
@@ -306,13 +317,19 @@ class _Builder:
                     f"secret {secret.id!r} is shorter than minSecretLength ({min_len} characters); "
                     "generate one with `webhook-sidecar gen-secret`",
                 )
-            elif len(set(secret.value)) < _MIN_DISTINCT_SECRET_CHARS:
-                self.bad(label, f"secret {secret.id!r} is a repeated pattern, not a random secret")
+            elif (weak := weak_secret_reason(secret.value)) is not None:
+                self.bad(
+                    label,
+                    f"secret {secret.id!r} is weak: {weak}; "
+                    "generate one with `webhook-sidecar gen-secret`",
+                )
             for other in found[:index]:
                 if hmac.compare_digest(other.value, secret.value):
                     self.bad(
                         label, f"secret {secret.id!r} has the same value as secret {other.id!r}"
                     )
+        if not found and self.revoked and len(self.problems) == 0:
+            return found  # every secret revoked: hooks answer 401, /readyz 503
         if found and not any(s.valid_at(self.now) for s in found):
             self.bad("webhooks.secrets", "no secret is valid now (check notBefore/notAfter)")
         return found
@@ -366,13 +383,16 @@ class _Builder:
             self.bad(_join(path, "notAfter"), "must be later than notBefore")
         scope = self.field(path, doc, "agents", _agent_list, None)
         loaded = self.secret_value(path, doc)
+        if loaded is _REVOKED:
+            self.revoked.append(str(secret_id))
+            return None
         if loaded is None or len(self.problems) > before:
             return None
         source, data = loaded
         assert secret_id is not None
         return Secret(secret_id, data, source, not_before, not_after, scope)
 
-    def secret_value(self, path: str, doc: Mapping[str, Any]) -> tuple[SecretSource, bytes] | None:
+    def secret_value(self, path: str, doc: Mapping[str, Any]) -> tuple[SecretSource, bytes] | Any:
         given = [k for k in ("value", "file", "env") if k in doc]
         if len(given) != 1:
             self.bad(path, "needs exactly one of 'value', 'file', 'env'")
@@ -387,8 +407,12 @@ class _Builder:
         try:
             data = source.read(raw)
         except SecretSourceError as exc:
+            if self.revoke and kind == "file" and not os.path.exists(where):
+                return _REVOKED  # deleted (or a dangling symlink): revoked, not an error
             self.bad(_join(path, kind), str(exc))
             return None
+        if not data and self.revoke and kind == "file":
+            return _REVOKED
         if not data:
             self.bad(_join(path, kind), "secret is empty")
             return None
@@ -548,7 +572,14 @@ class _Builder:
 
     def limits(self, value: object) -> Limits | None:
         p = "sidecar.limits"
-        keys = ["maxBodyBytes", "maxMessageChars", "headerTimeout", "bodyTimeout", "maxConnections"]
+        keys = [
+            "maxBodyBytes",
+            "maxMessageChars",
+            "headerTimeout",
+            "bodyTimeout",
+            "maxConnections",
+            "maxConnectionsPerIp",
+        ]
         doc = self.obj(p, value, keys)
         if doc is None:
             return None
@@ -558,6 +589,7 @@ class _Builder:
             self.field(p, doc, "headerTimeout", parse_duration, 10.0),
             self.field(p, doc, "bodyTimeout", parse_duration, 10.0),
             self.field(p, doc, "maxConnections", _int_between(1, 1_000_000), 1024),
+            self.field(p, doc, "maxConnectionsPerIp", _int_between(1, 1_000_000), 64),
         )
 
     def readable_file(self, value: object) -> Path:

@@ -45,6 +45,7 @@ def security_warnings(settings: Settings, *, now: float | None = None) -> list[s
                 f"webhooks.agents.{agent.name}: requests may choose any sessionKey; "
                 "set sessionKeyPrefixes or allowRequestSessionKey: false"
             )
+    out.extend(_shared_agent_ids(settings))
     for secret in settings.webhooks.secrets:
         if secret.not_after is None:
             continue
@@ -82,6 +83,20 @@ def security_warnings(settings: Settings, *, now: float | None = None) -> list[s
         out.append("webhooks.enabled: false, every hook answers 503")
     out += _worker_warnings(settings)
     return out
+
+
+def _shared_agent_ids(settings: Settings) -> list[str]:
+    """Agents that reach the same runtime agent share its sessions: one caller's
+    context (and what it was told) leaks into the other's runs."""
+    by_id: dict[str, list[str]] = {}
+    for agent in settings.webhooks.agents.values():
+        by_id.setdefault(agent.agent_id or agent.name, []).append(agent.name)
+    return [
+        f"webhooks.agents: {', '.join(repr(n) for n in sorted(names))} map to the same "
+        f"runtime agentId {agent_id!r} and share its sessions; give each its own agentId"
+        for agent_id, names in sorted(by_id.items())
+        if len(names) > 1
+    ]
 
 
 def _worker_warnings(settings: Settings) -> list[str]:

@@ -52,9 +52,23 @@ def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # float("1e999") is inf: a number no JSON encoder can write back, so the runtime
+    # would receive "Infinity" (not JSON) or a different value. Refused like NaN.
+    value = float(text)
+    if value in (_INF, -_INF):
+        raise ValueError("number out of range")
+    return value
+
+
+_INF = float("inf")
+
+
 # One decoder for the process: json.loads with hooks builds a new one (and its C scanner)
 # on every call.
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique_object, parse_constant=_no_constants)
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_object, parse_constant=_no_constants, parse_float=_finite_float
+)
 
 
 def decode_object(body: bytes) -> dict[str, Any]:
@@ -69,7 +83,7 @@ def decode_object(body: bytes) -> dict[str, Any]:
         raise _invalid_json("the body has a duplicate key") from None
     except RecursionError:
         raise _invalid_json("the body is nested too deeply") from None
-    except ValueError:  # JSONDecodeError, NaN/Infinity, over-long integers
+    except ValueError:  # JSONDecodeError, NaN/Infinity, 1e999, over-long integers
         raise _invalid_json("the body is not valid JSON") from None
     if not isinstance(value, dict):
         raise _invalid_json("the body must be a JSON object")

@@ -94,13 +94,17 @@ def _peer(text: str) -> tuple[IPAddress | None, str]:
 
 
 def client_address(settings: Settings) -> Guard:
-    """Sets ``call.client_ip`` / ``call.client_addr``; never refuses by itself."""
+    """Sets ``call.client_ip`` / ``call.client_addr`` and settles the request id (the
+    client's ``X-Request-Id`` is adopted only from a trusted proxy); never refuses."""
     trusted = settings.sidecar.trusted_proxies
 
     def guard(call: Call) -> None:
         if not trusted:
             call.client_addr, call.client_ip = _peer(call.client_ip)
+            call.adopt_request_id(False)
             return
+        peer, _ = _peer(call.client_ip)
+        call.adopt_request_id(peer is not None and in_networks(peer, trusted))
         forwarded = call.request.headers.getall("X-Forwarded-For", ())
         addr = resolve(call.client_ip, forwarded, trusted)
         call.client_addr = addr

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from .. import config, logs
+from . import fdlimit
+from .fdlimit import raise_open_file_limit
 from .server import serve
 from .startup import log_startup
 from .tuning import install_uvloop, tune_allocator
@@ -27,6 +29,11 @@ def run(path: Path) -> int:
     except config.ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    # Before workers start: they inherit the raised limit.
+    too_many = fdlimit.problem(settings.sidecar.limits.max_connections, raise_open_file_limit())
+    if too_many is not None:
+        print(f"config error: {too_many}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     if settings.sidecar.workers > 1:
         return supervise(settings)

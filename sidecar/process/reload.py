@@ -13,7 +13,10 @@ change is live within about 2 s.
 
 A reload is all or nothing: the new config is validated completely (TLS files
 included) before anything is swapped, otherwise it is refused, logged without
-secrets and counted, and the running config stays. Requests in flight keep the
+secrets and counted, and the running config stays. One exception fails closed:
+a secret whose file was deleted or emptied is revoked (left out, logged at
+warning with its id), the other secrets stay valid; with none left, hooks
+answer 401 and ``/readyz`` 503 (docs/connections.md). Requests in flight keep the
 runtime they started with (see :mod:`sidecar.app`).
 """
 
@@ -24,6 +27,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import resource
 import stat
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -33,6 +37,7 @@ from aiohttp import web
 from .. import config, tls
 from ..app import State
 from ..settings import Settings
+from . import fdlimit
 
 log = logging.getLogger("sidecar.reload")
 
@@ -60,6 +65,23 @@ def fingerprint(path: Path) -> Fingerprint | None:
 
 def fingerprints(paths: Iterable[Path]) -> Fingerprints:
     return {path: fingerprint(path) for path in paths}
+
+
+def _log_revoked(old: Settings, new: Settings) -> None:
+    """One warning per secret a reload revoked: its file is gone or empty now."""
+    kept = {s.id for s in new.webhooks.secrets}
+    for secret in old.webhooks.secrets:
+        if secret.id in kept or secret.source.kind != "file":
+            continue
+        where = Path(secret.source.where)
+        if not where.exists() or where.stat().st_size == 0 or where.read_bytes().strip() == b"":
+            log.warning(
+                "secret %r revoked: its file was deleted or emptied",
+                secret.id,
+                extra={"secretId": secret.id, "file": str(where), "secretsLeft": len(kept)},
+            )
+    if old.webhooks.secrets and not new.webhooks.secrets:
+        log.warning("no webhook secret is left: every hook call answers 401 until one is added")
 
 
 class Reloader:
@@ -117,7 +139,12 @@ class Reloader:
 
     def _load(self, path: Path) -> tuple[Settings, tls.Loaded | None]:
         """Everything that can fail, done before anything is swapped (runs in a thread)."""
-        settings = config.load(path)
+        settings = config.load(path, revoke=True)
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if (
+            too_many := fdlimit.problem(settings.sidecar.limits.max_connections, limit)
+        ) is not None:
+            raise config.ConfigError([too_many])
         old = self.state.settings.sidecar
         new = settings.sidecar
         if (old.tls is None) != (new.tls is None):
@@ -135,6 +162,7 @@ class Reloader:
                 loaded = tls.load(new.tls)
             except tls.TlsError as exc:  # the files changed since config.load checked them
                 raise config.ConfigError([f"sidecar.tls: {exc}"]) from None
+        _log_revoked(self.state.settings, settings)  # nothing can refuse the reload now
         return settings, loaded
 
     async def watch(self, interval: float = POLL_INTERVAL) -> None:

@@ -24,7 +24,7 @@ from ..admin import create_admin_app
 from ..app import PublicRunner, State, create_app
 from ..metrics import Metrics
 from ..settings import Settings
-from .connections import cap_connections
+from .gate import Gate, GatedSite
 from .reload import POLL_INTERVAL, Reloader
 
 log = logging.getLogger("sidecar")
@@ -105,13 +105,13 @@ class Server:
         await self._public.setup()
         public = self._public.server
         assert public is not None
-        cap_connections(public, lambda: self.state.settings.sidecar.limits.max_connections)
         await self._admin.setup()
         ctx = self.tls.context if self.tls is not None else None
+        # Accept-time checks (allowIps, maxConnections, maxConnectionsPerIp, the TLS
+        # handshake's deadline) before aiohttp sees a connection: docs/connections.md.
+        gate = Gate(public, lambda: self.state.settings, self.state.metrics, ctx)
         await start_site(
-            web.TCPSite(
-                self._public, s.listen.host, s.listen.port, ssl_context=ctx, reuse_port=reuse_port
-            ),
+            GatedSite(self._public, s.listen.host, s.listen.port, gate, reuse_port=reuse_port),
             s.listen,
         )
         if admin_socket is not None:

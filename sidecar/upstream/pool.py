@@ -7,10 +7,12 @@ peer next to us, so this client writes a prebuilt request and parses the reply
 with llhttp (``httptools``), reusing idle connections LIFO.
 
 Idle connections are dropped after ``idle_timeout`` (below OpenClaw's 5 s
-keep-alive) and a request that meets a reused connection closed by the peer
-before any byte of the reply came back is retried once on a fresh connection:
-that is the keep-alive race, where the peer closed an idle connection just as
-we wrote to it.
+keep-alive), and one the runtime closed while idle is never reused. A call is
+sent again on a fresh connection only when not one byte of it was written to the
+old one (the connection was found closed before the write). Once the request is
+written, a connection that closes without a reply is an error for the caller,
+never a second send: the runtime may have read the request and started the
+agent run, and a retry would run it twice (docs/upstream.md).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ MAX_RESPONSE_BYTES = 1 << 20
 
 class UpstreamConnectError(ConnectionError):
     """The runtime could not be reached (no socket, refused, reset before replying)."""
+
+
+class _NotSent(UpstreamConnectError):
+    """The connection was closed before one byte of the request was written."""
 
 
 class UpstreamProtocolError(ConnectionError):
@@ -48,7 +54,6 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[Response] | None = None
         self.closed = False
-        self.received = False
         self.idle_since = 0.0
         self._headers: dict[bytes, bytes] = {}
         self._body: list[bytes] = []
@@ -59,7 +64,6 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.received = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -106,7 +110,8 @@ class _Connection(asyncio.Protocol):
 
     async def exchange(self, request: bytes) -> Response:
         assert self.transport is not None
-        self.received = False
+        if self.closed or self.transport.is_closing():
+            raise _NotSent("connection closed before the request was written")
         self._headers = {}
         self._body = []
         self._size = 0
@@ -173,10 +178,8 @@ class Pool:
         if conn is not None:
             try:
                 return await self._exchange(conn, raw)
-            except UpstreamConnectError:
-                if conn.received:
-                    raise
-                # The keep-alive race: the runtime closed it as we reused it. Once.
+            except _NotSent:
+                pass  # nothing reached the runtime: safe to send on a fresh connection
         return await self._exchange(await self._new(), raw)
 
     async def _exchange(self, conn: _Connection, raw: bytes) -> Response:

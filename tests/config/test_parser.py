@@ -16,7 +16,7 @@ from sidecar.certs import write_demo_pki
 from sidecar.config import ConfigError, load, loads, parse_duration
 from sidecar.settings import Lockout, RateLimit, Settings
 
-STRONG = "0123456789abcdef" * 4
+STRONG = "8f3a1c2e9b7d4f6a0c5e8b1d3f7a9c2e4b6d8f0a1c3e5b7d9f2a4c6e8b0d1f3a"
 
 
 def problems(doc: Any, **kwargs: Any) -> list[str]:
@@ -252,7 +252,10 @@ def test_bad_durations(value: Any) -> None:
             },
             "webhooks.secrets[0].notAfter: must be later than notBefore",
         ),
-        (minimal(secret="a" * 40), "webhooks.secret: secret 'default' is a repeated pattern"),
+        (
+            minimal(secret="a" * 40),
+            "webhooks.secret: secret 'default' is weak: it is one block repeated",
+        ),
         (
             minimal(secret={"env": "WHS_UNSET_VARIABLE"}),
             "webhooks.secret.env: environment variable WHS_UNSET_VARIABLE is not set",

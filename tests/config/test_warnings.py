@@ -92,6 +92,13 @@ def test_a_tight_config_is_valid_without_warnings(run: Any, short_tmp: Path) -> 
             lambda d: d["sidecar"]["upstream"].update(token={"value": "upstream-token"}),
             "sidecar.upstream.token: written in the config file; prefer {file: ...} or {env: ...}",
         ),
+        (  # a second agent that reaches the runtime's "my-agent" shares its sessions
+            lambda d: d["webhooks"]["agents"].update(
+                {"ops": {"agentId": "my-agent", "allowRequestSessionKey": False}}
+            ),
+            "webhooks.agents: 'my-agent', 'ops' map to the same runtime agentId 'my-agent' "
+            "and share its sessions; give each its own agentId",
+        ),
     ],
 )
 def test_each_warning_alone(run: Any, short_tmp: Path, change: Any, warning: str) -> None:

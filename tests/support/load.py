@@ -41,7 +41,9 @@ class Result:
     code: str | None  # the docs/http-api.md error code, "ok", or the transport error's name
     retry_after: str | None
     latency: float
-    request_id: str  # sent as X-Request-Id: the runtime's calls carry it
+    # The id the sidecar gave the call (its X-Request-Id answer): the runtime's calls
+    # and the audit lines carry it. The one sent is adopted only from a trusted proxy.
+    request_id: str
     at: float = 0.0  # time.monotonic() when it finished
 
 
@@ -66,7 +68,7 @@ async def call(
                 code,
                 resp.headers.get("Retry-After"),
                 time.perf_counter() - started,
-                request_id,
+                resp.headers.get("X-Request-Id", request_id),
                 time.monotonic(),
             )
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:

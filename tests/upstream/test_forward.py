@@ -284,28 +284,70 @@ async def test_connections_are_reused(make_sidecar: Any, short_tmp: Path) -> Non
     assert connections == 1
 
 
-async def test_keep_alive_race_is_retried_once_on_a_fresh_connection(
+EMPTY_200 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One whole request off a raw connection; its head."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(content_length(head))
+    return head
+
+
+async def test_a_call_the_runtime_read_is_never_sent_twice(
     make_sidecar: Any, short_tmp: Path
 ) -> None:
-    """The runtime answers one request per connection and then silently drops the
-    connection when the next request arrives on it: the pool must retry on a new one."""
+    """The runtime answers the first call, then reads the second one on the same
+    keep-alive connection and closes it without replying. It may have started the
+    run: the pool must not send the call again (a duplicate agent run); the caller
+    gets 503 and the runtime has seen each call once."""
+    heads: list[bytes] = []
     connections = 0
 
-    async def one_shot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def read_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
-        head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(content_length(head))
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        heads.append(await read_request(reader))
+        if len(heads) > 1:
+            writer.close()  # read it, then hang up without a byte of reply
+            return
+        writer.write(EMPTY_200)
         await writer.drain()
-        with contextlib.suppress(asyncio.IncompleteReadError):
-            await reader.readuntil(b"\r\n\r\n")  # the reuse: close without answering
+        heads.append(await read_request(reader))  # the reuse
+        writer.close()
 
-    async with raw_server(one_shot, short_tmp / "fake.sock"):
+    async with raw_server(read_then_hang_up, short_tmp / "fake.sock"):
+        sc = await upstream_sidecar(make_sidecar, short_tmp)
+        assert (await sc.post("/hooks/wake", WAKE))[0] == 200
+        status, _, body = await sc.post("/hooks/wake", WAKE)
+        await asyncio.sleep(0.2)  # a retry, if there were one, would land by now
+    assert (status, body["error"]) == (503, "upstream_unavailable")
+    assert len(heads) == 2 and connections == 1
+
+
+async def test_an_idle_connection_the_runtime_closed_is_replaced_transparently(
+    make_sidecar: Any, short_tmp: Path
+) -> None:
+    """The runtime closes each connection soon after answering on it (its keep-alive
+    ran out): nothing of the next call was written to the closed connection, so the
+    pool uses a fresh one and the caller never notices."""
+    connections = 0
+
+    async def short_keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(EMPTY_200)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+
+    async with raw_server(short_keep_alive, short_tmp / "fake.sock"):
         sc = await upstream_sidecar(make_sidecar, short_tmp)
         for _ in range(3):
             assert (await sc.post("/hooks/wake", WAKE))[0] == 200
-    assert connections >= 3
+            await asyncio.sleep(0.2)
+    assert connections == 3
 
 
 async def test_tcp_upstream_works(make_sidecar: Any, short_tmp: Path) -> None:
