@@ -37,6 +37,7 @@ def key_of(secret: bytes) -> bytes:
     """The HMAC key of a ``whsec_<base64>`` secret (the prefix is optional); raises
     ValueError when it is not valid base64."""
     text = secret[len(PREFIX) :] if secret.startswith(PREFIX.encode()) else secret
+    text += b"=" * (-len(text) % 4)  # senders also show it unpadded
     try:
         key = binascii.a2b_base64(text, strict_mode=True)
     except binascii.Error:
