@@ -115,7 +115,7 @@ async def test_tolerance_is_configurable(make_sidecar: Any, runtime: Runtime) ->
     assert reply["error"] == "signature_expired"
 
 
-@pytest.mark.parametrize("stamp", ["12e3", "-5", "", "1700000000.5", "١٧٠٠٠٠٠٠٠٠"])
+@pytest.mark.parametrize("stamp", ["12e3", "-5", "", "1700000000.5", "\u0661" * 10])
 async def test_a_non_numeric_timestamp_is_invalid(
     make_sidecar: Any, runtime: Runtime, stamp: str
 ) -> None:

@@ -29,7 +29,8 @@ async def stripe_sidecar(make_sidecar: Any, runtime: Runtime) -> Any:
         "stripe",
         STRIPE_SECRET,
         when="body.type == 'payment_intent.succeeded'",
-        message="Stripe {{ body.type }}: {{ body.data.object.amount }} {{ body.data.object.currency }}",
+        message="Stripe {{ body.type }}: {{ body.data.object.amount }} "
+        "{{ body.data.object.currency }}",
     )
     return await make_sidecar(route_doc(runtime.path, {"stripe": spec}))
 
