@@ -9,8 +9,15 @@ from typing import Any
 
 import pytest
 from support.common import AGENT, SECRET, Runtime
-from support.senders import GH_SECRET, GITHUB_PUSH, deliver, encode, github_headers, route
-from support.senders import route_doc
+from support.senders import (
+    GH_SECRET,
+    GITHUB_PUSH,
+    deliver,
+    encode,
+    github_headers,
+    route,
+    route_doc,
+)
 
 from sidecar.config.parser import ConfigError, loads
 from sidecar.routes.templates import Expression, RenderError, Template, TemplateSyntaxError
