@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 
 from aiohttp import web
@@ -31,7 +31,9 @@ from .limiter import Limiter, open_limiter
 from .logs import AuditLog
 from .metrics import Metrics
 from .responses import INTERNAL_ERROR, answer_response, error_response, ok_response
-from .settings import Settings
+from .routes import guards as signed
+from .routes import profile_for
+from .settings import Route, Settings
 from .upstream import make_forwarder, make_pool
 from .upstream.base import BaseForwarder
 from .upstream.pool import Pool
@@ -62,6 +64,35 @@ def pipeline(settings: Settings, state: State, limiter: Limiter) -> list[Guard]:
     return [g for g in guards if g is not None]
 
 
+def route_pipeline(
+    settings: Settings, sender: Route, state: State, limiter: Limiter
+) -> list[Guard]:
+    """One route's guard chain (docs/routes.md): the same cheap checks first, then the
+    raw body and its signature before anything parses it; rate limits count only
+    verified deliveries. The path was matched when the chain was chosen (``dispatch``)."""
+    profile = profile_for(sender.verify)
+    failed = failure_recorder(settings, state.lockout)
+    guards = [
+        client_address(settings),
+        ip_allowlist(settings),  # 403 ip_not_allowed
+        auth_lockout(settings, state.lockout),  # 429 locked_out
+        route(),  # 405 method_not_allowed (the path is this route's)
+        no_token_in_query(settings),  # 400 token_in_query
+        webhooks_enabled(settings),  # 503 webhooks_disabled
+        signed.raw_body(settings),  # 413 payload_too_large, 408 request_timeout
+        signed.signature(settings, sender, profile, failed),  # 401 signature_invalid / _expired
+        client_limits(settings, limiter, state.metrics),  # 429 rate_limited, 503
+        signed.payload(settings, sender, profile, failed),  # 415, 400 invalid_json; ping, challenge
+        signed.when(sender, profile),  # 200 ignored
+        signed.render(settings, sender, profile),  # 422 template_error, 403 session_key_not_allowed
+        agent_limits(settings, limiter, state.in_flight, state.metrics),  # 429 rate_limited
+        # DEDUP SLOT (issue 15, dedup part): the delivery-id guard goes here, after the
+        # signature, body and `when`, before forwarding. It reads call.route, the
+        # route's dedup (seconds, 0 = off) and call.delivery_id.
+    ]
+    return [g for g in guards if g is not None]
+
+
 @dataclass(frozen=True, slots=True)
 class Runtime:
     """Everything derived from one config; replaced whole on reload."""
@@ -69,6 +100,8 @@ class Runtime:
     settings: Settings
     guards: tuple[Guard, ...]
     forward: BaseForwarder
+    # path -> (route, its guard chain): signed senders (docs/routes.md)
+    routes: Mapping[str, tuple[Route, tuple[Guard, ...]]] = field(default_factory=dict)
 
 
 class State:
@@ -113,12 +146,20 @@ class State:
             limiter = open_limiter(backend)
         try:
             guards = tuple(pipeline(settings, self, limiter))
+            routes = {
+                path: (r, tuple(route_pipeline(settings, r, self, limiter)))
+                for path, r in settings.webhooks.routes.items()
+            }
             forward = make_forwarder(settings, pool, old.forward if old is not None else None)
         except BaseException:
             if fresh:
                 pool.close()
             raise
-        previous, self.pool, self.runtime = self.pool, pool, Runtime(settings, guards, forward)
+        previous, self.pool, self.runtime = (
+            self.pool,
+            pool,
+            Runtime(settings, guards, forward, routes),
+        )
         if fresh and previous is not None:
             previous.close()  # idle connections only; calls in flight finish on theirs
         if limiter is not self.limiter:
@@ -126,7 +167,9 @@ class State:
                 self.retired_limiters.append(self.limiter)
             self.limiter = limiter
         self.metrics.configure(settings)
-        self.secret_texts = frozenset(s.value.decode("latin-1") for s in settings.webhooks.secrets)
+        secrets = [*settings.webhooks.secrets]
+        secrets += [s for r in settings.webhooks.routes.values() for s in r.secrets]
+        self.secret_texts = frozenset(s.value.decode("latin-1") for s in secrets)
 
     def cut_off(self) -> int:
         """Cancel every call still in flight (the drain deadline passed); returns how many."""
@@ -181,8 +224,11 @@ async def handle(state: State, request: web.BaseRequest) -> web.StreamResponse:
     forwarding = False
     task = asyncio.current_task()
     state.calls.add(task)  # type: ignore[arg-type]  # also webhook_sidecar_in_flight_requests
+    guards = runtime.guards
+    if call.endpoint == "other" and runtime.routes:  # /hooks/<route>? (docs/routes.md)
+        guards = signed.dispatch(call, runtime.routes) or guards
     try:
-        for guard in runtime.guards:
+        for guard in guards:
             pending = guard(call)
             if pending is not None:
                 await pending
@@ -229,7 +275,10 @@ def _finish(
     secret = call.secret
     # The agent only after auth, and only a configured one: an unknown name is request input.
     agent = call.body.get("agent") if secret is not None else None
-    if agent is not None and agent not in call.settings.webhooks.agents:
+    if call.route is not None:  # a route's body is the sender's: its agent is the route's
+        agent = call.agent.name if secret is not None and call.agent is not None else None
+        metrics.observe_route(call.route, status, outcome == "ignored")
+    elif agent is not None and agent not in call.settings.webhooks.agents:
         agent = None
     if outcome is None:
         if code is None:

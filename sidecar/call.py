@@ -39,6 +39,7 @@ class Call:
     """What the guards learn about one request, in the order they learn it."""
 
     __slots__ = (
+        "action",
         "agent",
         "audit_extra",
         "body",
@@ -48,6 +49,7 @@ class Call:
         "endpoint",
         "finalizers",
         "idempotency_key",
+        "raw",
         "request",
         "request_id",
         "response_headers",
@@ -81,7 +83,11 @@ class Call:
         self.session = ""  # the session key the call will use
         self.response_headers: dict[str, str] | None = None  # e.g. RateLimit on success
         self.finalizers: list[Callable[[], None]] | None = None  # run when the call ends
-        # Routes (docs/routes.md): the route's name, and the sender's delivery id.
+        # Routes (docs/routes.md): the route's name, and the sender's delivery id. Only
+        # route calls set (and read) ``action`` ("agent" or "wake") and ``raw`` (the body
+        # bytes the signature covers), so the seed's calls do not pay for them.
+        self.action: str
+        self.raw: bytes
         self.route: str | None = None
         self.delivery_id: str | None = None
         # Sent upstream as Idempotency-Key when set: the client's own key, or a route's

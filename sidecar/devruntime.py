@@ -49,6 +49,7 @@ async def hook(request: web.Request) -> web.Response:
             "secretId": request.headers.get("X-Webhook-Secret-Id"),
             "forwardedFor": request.headers.get("X-Forwarded-For"),
             "idempotencyKey": request.headers.get("Idempotency-Key"),
+            **({"route": route} if (route := request.headers.get("X-Webhook-Route")) else {}),
             "runId": run_id,
         }
     )

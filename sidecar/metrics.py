@@ -36,17 +36,18 @@ from .settings import Settings
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 PREFIX = "webhook_sidecar_"
-ENDPOINTS = ("wake", "agent", "other")
+ENDPOINTS = ("wake", "agent", "route", "other")
 ERROR_CODES = (
     "ip_not_allowed", "locked_out", "not_found", "method_not_allowed", "token_in_query",
     "unauthorized", "rate_limited", "limiter_unavailable", "webhooks_disabled",
     "payload_too_large", "request_timeout", "unsupported_media_type", "invalid_json",
     "invalid_request", "agent_not_found", "agent_not_permitted", "session_key_not_allowed",
     "upstream_error", "upstream_unavailable", "upstream_timeout", "internal_error",
+    "signature_invalid", "signature_expired", "template_error",
 )  # fmt: skip
 # Every status the public API answers with (docs/http-api.md). Upstream statuses are mapped
 # to 502/503/504 by the forwarder, so none of them can reach this label directly.
-STATUSES = (200, 400, 401, 403, 404, 405, 408, 413, 415, 429, 500, 502, 503, 504)
+STATUSES = (200, 400, 401, 403, 404, 405, 408, 413, 415, 422, 429, 500, 502, 503, 504)
 OTHER_STATUS = "other"
 RELOAD_RESULTS = ("success", "error")
 # Buckets around what a webhook costs: sub-millisecond refusals to multi-second agent admits.
@@ -216,6 +217,15 @@ class Metrics:
             "unreachable (rateLimit.failOpen: true).",
             registry=r,
         )
+        # Routes (docs/routes.md): label values are configured route names.
+        self.route_requests = Counts(
+            p + "route_requests_total", "Requests on each route, by HTTP status.",
+            ("route", "code"), (), r,
+        )  # fmt: skip
+        self.route_ignored = Counts(
+            p + "route_ignored_total", "Route deliveries answered without forwarding because "
+            "the route's `when` was false.", ("route",), (), r,
+        )  # fmt: skip
         # The hot path reads these directly: one dict lookup per update.
         self._requests = self.requests.values
         self._status = {s: str(s) for s in STATUSES}
@@ -236,7 +246,12 @@ class Metrics:
         alert must not fire for a secret nobody uses any more); its
         ``auth_success`` counter stays, as counters must not go backwards.
         """
-        secrets = settings.webhooks.secrets
+        routes = settings.webhooks.routes.values()
+        for route in routes:
+            self.route_ignored.values.setdefault((route.name,), 0.0)
+            for status in STATUSES:
+                self.route_requests.values.setdefault((route.name, str(status)), 0.0)
+        secrets = [*settings.webhooks.secrets, *(s for r in routes for s in r.secrets)]
         for secret in secrets:
             self._auth.setdefault((secret.id,), 0.0)
         self.secret_not_after.clear()
@@ -259,6 +274,14 @@ class Metrics:
     def rejected(self, code: str) -> None:
         """A refusal outside a request, e.g. a connection over maxConnectionsPerIp."""
         self._rejections[(code,)] = self._rejections.get((code,), 0.0) + 1
+
+    def observe_route(self, route: str, status: int, ignored: bool) -> None:
+        """One finished request on a route (besides :meth:`observe`)."""
+        key = (route, self._status.get(status, OTHER_STATUS))
+        values = self.route_requests.values
+        values[key] = values.get(key, 0.0) + 1
+        if ignored:
+            self.route_ignored.values[(route,)] = self.route_ignored.values.get((route,), 0.0) + 1
 
     def observe_upstream(self, endpoint: str, seconds: float) -> None:
         self._upstream[endpoint].observe(seconds)

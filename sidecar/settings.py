@@ -13,8 +13,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from .secrets import Secret
+
+if TYPE_CHECKING:
+    from .routes.templates import Expression, Template
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -61,6 +66,8 @@ class Webhooks:
     enabled: bool
     secrets: tuple[Secret, ...]
     agents: Mapping[str, Agent]
+    # Signed senders on /hooks/<name> (docs/routes.md), keyed by their path.
+    routes: Mapping[str, Route] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +166,7 @@ class Settings:
         """Files whose change should trigger a reload: the config, secrets, token, certs."""
         files: list[Path] = [] if self.path is None else [self.path]
         sources = [s.source for s in self.webhooks.secrets]
+        sources += [s.source for r in self.webhooks.routes.values() for s in r.secrets]
         if self.sidecar.upstream.token is not None:
             sources.append(self.sidecar.upstream.token.source)
         files += [Path(src.where) for src in sources if src.kind == "file"]
@@ -168,3 +176,35 @@ class Settings:
             if tls.client_ca_file is not None:
                 files.append(tls.client_ca_file)
         return tuple(dict.fromkeys(files))
+
+
+@dataclass(frozen=True, slots=True)
+class Verify:
+    """How a route checks its sender (docs/routes.md): a provider profile, or the generic
+    ``{hmac, header, prefix, encoding}`` form (``profile == "hmac"``)."""
+
+    profile: str  # github, gitlab, stripe, slack, linear, sentry, standard-webhooks, bearer, hmac
+    algorithm: str = "sha256"  # generic form: sha256 or sha1
+    header: str = ""  # generic form: the signature header
+    prefix: str = ""  # generic form: what precedes the signature in the header (may be empty)
+    encoding: str = "hex"  # generic form: hex or base64
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One signed sender on ``POST /hooks/<name>`` and how its payload becomes a call."""
+
+    name: str
+    verify: Verify
+    secrets: tuple[Secret, ...]
+    agent: str
+    action: str  # "agent" or "wake"
+    message: Template | None  # required for action "agent"
+    session_key: Template | None  # None: the agent's sessionKey
+    when: Expression | None  # None: every delivery is forwarded
+    tolerance: float = 300.0  # timestamped profiles: seconds either way
+    dedup: float = 86400.0  # how long a delivery id is remembered; 0: off
+
+    @property
+    def path(self) -> str:
+        return f"/hooks/{self.name}"

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from support.common import SECRET, base_doc, write_config
+from support.senders import GH_SECRET, route
 
 from sidecar import config
 from sidecar.metrics import ENDPOINTS, ERROR_CODES, RELOAD_RESULTS, STATUSES, Metrics
@@ -53,6 +54,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     doc = base_doc(folder / "x.sock")
     del doc["webhooks"]["secret"]
     doc["webhooks"]["secrets"] = [{"id": "a", "value": SECRET, "notAfter": "2099-01-01T00:00:00Z"}]
+    doc["webhooks"]["routes"] = {"gh": route("github", GH_SECRET)}  # route_* series
     metrics = Metrics(process=True)
     metrics.configure(config.load(write_config(folder, doc)))
     metrics.tls_cert_not_after.set(4102444800)
@@ -218,6 +220,7 @@ def test_rules_file_is_a_plain_rules_file_with_labelled_alerts() -> None:
         ("locked out clients", 'reason="locked_out"'),
         ("upstream errors", "upstream_error|upstream_unavailable|upstream_timeout"),
         ("reload failures", 'webhook_sidecar_config_reloads_total{result="error"}'),
+        ("route signatures failing", 'webhook_sidecar_route_requests_total{code="401"}'),
     ],
 )
 def test_rules_cover(topic: str, needle: str) -> None:
@@ -329,6 +332,26 @@ PROMTOOL_TESTS = {
                     {"severity": "warning", "job": "t"},
                     summary="120 webhook calls passed without rate limits in 10 minutes "
                     "(limiter down, failOpen)",
+                ),
+            ],
+        },
+        {  # A GitHub route whose secret was rotated at GitHub only: every delivery is 401.
+            "interval": "1m",
+            "input_series": [
+                series("route_requests_total", "0+10x20 200+0x10", route="gh", code="200"),
+                series("route_requests_total", "0x20 0+10x30", route="gh", code="401"),
+                series("route_requests_total", "0+10x50", route="stripe", code="200"),
+            ],
+            "alert_rule_test": [
+                silent("15m", "WebhookRouteSignaturesFailing"),
+                fires(
+                    "45m",
+                    "WebhookRouteSignaturesFailing",
+                    {"severity": "warning", "job": "s", "route": "gh"},
+                    summary="Most deliveries on route gh fail their signature check",
+                    description="Compare the route's secrets with the secret set at the sender "
+                    "(webhook_sidecar_rejections_total: signature_invalid, or signature_expired "
+                    "for clock skew).",
                 ),
             ],
         },

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from support.common import AGENT, OTHER_SECRET, SECRET, Runtime, base_doc, write_config
 from support.scrape import Scrape
+from support.senders import GH_SECRET, route
 
 from sidecar import config
 from sidecar.metrics import ENDPOINTS, ERROR_CODES, LATENCY_BUCKETS, STATUSES, Metrics
@@ -39,6 +40,9 @@ SPEC_METRICS = {
     P + "tls_cert_not_after_timestamp_seconds": ("gauge", set()),
     P + "config_reloads": ("counter", {"result"}),
     P + "in_flight_requests": ("gauge", set()),
+    # docs/routes.md
+    P + "route_requests": ("counter", {"route", "code"}),
+    P + "route_ignored": ("counter", {"route"}),
 }
 # docs/http-api.md: the status each error code is answered with.
 SPEC_STATUS = {
@@ -49,6 +53,8 @@ SPEC_STATUS = {
     "agent_not_found": 404, "agent_not_permitted": 403, "session_key_not_allowed": 403,
     "upstream_error": 502, "upstream_unavailable": 503, "upstream_timeout": 504,
     "internal_error": 500,
+    # docs/routes.md
+    "signature_invalid": 401, "signature_expired": 401, "template_error": 422,
 }  # fmt: skip
 
 
@@ -88,6 +94,7 @@ def test_every_spec_metric_exists_with_its_type_and_labels(short_tmp: Path) -> N
         {"id": "old", "env": "TEST_WEBHOOK_SECRET", "notAfter": "2099-01-01T00:00:00Z"}
     ]
     del doc["webhooks"]["secret"]
+    doc["webhooks"]["routes"] = {"gh": route("github", GH_SECRET)}  # route_* series
     metrics.configure(load(short_tmp, doc))
     metrics.tls_cert_not_after.set(4102444800)
     scrape = Scrape.of(metrics.registry)

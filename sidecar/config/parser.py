@@ -48,6 +48,7 @@ from ..settings import (
     Upstream,
     Webhooks,
 )
+from .routes import parse_routes
 from .strength import weak_secret_reason
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -256,15 +257,22 @@ class _Builder:
     def webhooks(
         self, value: object, sidecar: Sidecar | None
     ) -> tuple[Webhooks | None, tuple[str, ...]]:
-        doc = self.obj("webhooks", value, ["enabled", "secret", "secrets", "agents"])
+        keys = ["enabled", "secret", "secrets", "agents", "routes"]
+        doc = self.obj("webhooks", value, keys)
         if doc is None:
             return None, ()
         enabled = self.field("webhooks", doc, "enabled", _bool, True)
         agents = self.agents(doc.get("agents", {}))
         min_len = sidecar.min_secret_length if sidecar else DEFAULT_MIN_SECRET_LENGTH
         secrets = self.secrets(doc, agents, min_len)
+        # Signed senders (docs/routes.md): config/routes.py, with this builder's readers.
+        routes = parse_routes(self, doc.get("routes", {}), agents, secrets, min_len, parse_duration)
         inline = tuple(s.id for s in secrets if s.source.kind == "value")
-        return Webhooks(enabled, tuple(secrets), MappingProxyType(agents)), inline
+        inline += tuple(
+            s.id for r in routes.values() for s in r.secrets if s.source.kind == "value"
+        )
+        routes_view = MappingProxyType({r.path: r for r in routes.values()})
+        return Webhooks(enabled, tuple(secrets), MappingProxyType(agents), routes_view), inline
 
     def agents(self, value: object) -> dict[str, Agent]:
         if not isinstance(value, dict):
@@ -299,18 +307,23 @@ class _Builder:
         return Agent(name, session_key, allow, prefixes, rate, concurrent, agent_id, wake)
 
     def secrets(
-        self, doc: Mapping[str, Any], agents: Mapping[str, Agent], min_len: int
+        self,
+        doc: Mapping[str, Any],
+        agents: Mapping[str, Agent],
+        min_len: int,
+        at: str = "webhooks",
     ) -> list[Secret]:
+        """The ``secret``/``secrets`` of the block at ``at`` (webhooks, or a route)."""
         if ("secret" in doc) == ("secrets" in doc):
-            self.bad("webhooks", "exactly one of 'secret' and 'secrets' is required")
+            self.bad(at, "exactly one of 'secret' and 'secrets' is required")
             return []
         if "secret" in doc:
-            one = self.secret("webhooks.secret", doc["secret"], "default", listed=False)
+            one = self.secret(f"{at}.secret", doc["secret"], "default", listed=False)
             found = [one] if one is not None else []
         else:
-            found = self.secret_list(doc["secrets"], agents)
+            found = self.secret_list(doc["secrets"], agents, f"{at}.secrets")
         for index, secret in enumerate(found):
-            label = "webhooks.secret" if "secret" in doc else f"webhooks.secrets[{index}]"
+            label = f"{at}.secret" if "secret" in doc else f"{at}.secrets[{index}]"
             if len(secret.value) < min_len:
                 self.bad(
                     label,
@@ -331,17 +344,19 @@ class _Builder:
         if not found and self.revoked and len(self.problems) == 0:
             return found  # every secret revoked: hooks answer 401, /readyz 503
         if found and not any(s.valid_at(self.now) for s in found):
-            self.bad("webhooks.secrets", "no secret is valid now (check notBefore/notAfter)")
+            self.bad(f"{at}.secrets", "no secret is valid now (check notBefore/notAfter)")
         return found
 
-    def secret_list(self, value: object, agents: Mapping[str, Agent]) -> list[Secret]:
+    def secret_list(
+        self, value: object, agents: Mapping[str, Agent], at: str = "webhooks.secrets"
+    ) -> list[Secret]:
         if not isinstance(value, list) or not value:
-            self.bad("webhooks.secrets", "must be a non-empty list")
+            self.bad(at, "must be a non-empty list")
             return []
         found: list[Secret] = []
         ids: set[str] = set()
         for index, entry in enumerate(value):
-            path = f"webhooks.secrets[{index}]"
+            path = f"{at}[{index}]"
             secret = self.secret(path, entry, None, listed=True)
             if secret is None:
                 continue

@@ -82,6 +82,34 @@ def security_warnings(settings: Settings, *, now: float | None = None) -> list[s
     if not settings.webhooks.enabled:
         out.append("webhooks.enabled: false, every hook answers 503")
     out += _worker_warnings(settings)
+    out += _route_warnings(settings, now)
+    return out
+
+
+# Senders that post many kinds of event to one URL: without `when`, each wakes the agent.
+MANY_EVENT_PROFILES = frozenset(
+    {"github", "gitlab", "slack", "sentry", "linear", "stripe", "standard-webhooks"}
+)
+
+
+def _route_warnings(settings: Settings, now: float) -> list[str]:
+    """Routes (docs/routes.md): SHA-1 signatures, a many-event sender without ``when``,
+    route secrets that expire soon."""
+    out = []
+    for route in settings.webhooks.routes.values():
+        path = f"webhooks.routes.{route.name}"
+        if route.verify.algorithm == "sha1":
+            out.append(f"{path}.verify: hmac 'sha1' is weak; use 'sha256' if the sender can")
+        if route.when is None and route.verify.profile in MANY_EVENT_PROFILES:
+            out.append(
+                f"{path}: no 'when' filter: every event type the {route.verify.profile} sender "
+                "posts triggers the agent (e.g. when: \"headers['x-github-event'] == 'push'\")"
+            )
+        for secret in route.secrets:
+            if secret.not_after is not None and secret.not_after < now + SOON:
+                out.append(
+                    f"{path}.secrets: secret {secret.id!r} has expired or expires within 7 days"
+                )
     return out
 
 

@@ -11,7 +11,7 @@ fallback to the default session.
 from __future__ import annotations
 
 from ..call import Call, Guard, Reject
-from ..settings import Settings
+from ..settings import Agent, Settings
 
 
 def agent_lookup(settings: Settings) -> Guard:
@@ -45,20 +45,26 @@ def session_key_policy(settings: Settings) -> Guard:
         if requested is None:
             call.session = agent.session_key
             return
-        if not agent.allow_request_session_key:
-            raise Reject(
-                403,
-                "session_key_not_allowed",
-                f"agent {agent.name!r} does not accept a sessionKey from the request",
-            )
-        prefixes = agent.session_key_prefixes
-        if prefixes and not requested.startswith(prefixes):
-            raise Reject(
-                403,
-                "session_key_not_allowed",
-                f"agent {agent.name!r} accepts only session keys starting with "
-                + ", ".join(repr(p) for p in prefixes),
-            )
-        call.session = requested
+        call.session = requested_session(agent, requested)
 
     return guard
+
+
+def requested_session(agent: Agent, requested: str) -> str:
+    """``requested`` if the agent's policy allows it, else 403 ``session_key_not_allowed``
+    (also for a route's rendered sessionKey, docs/routes.md)."""
+    if not agent.allow_request_session_key:
+        raise Reject(
+            403,
+            "session_key_not_allowed",
+            f"agent {agent.name!r} does not accept a sessionKey from the request",
+        )
+    prefixes = agent.session_key_prefixes
+    if prefixes and not requested.startswith(prefixes):
+        raise Reject(
+            403,
+            "session_key_not_allowed",
+            f"agent {agent.name!r} accepts only session keys starting with "
+            + ", ".join(repr(p) for p in prefixes),
+        )
+    return requested

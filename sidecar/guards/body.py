@@ -159,37 +159,50 @@ def json_body(settings: Settings) -> Guard:
 
     async def guard(call: Call) -> None:
         request = call.request
-        length = request.content_length
-        if length is not None and length > max_bytes:
-            raise too_large()
-        if request.headers.get("Expect") is not None:
-            await _continue(request)
-        stream = request.content
-        try:
-            if stream.is_eof():  # the whole body came with the head: take it, no waiting
-                body = stream.read_nowait()
-                if len(body) > max_bytes:
-                    raise too_large()
-            else:
-                async with asyncio.timeout(limits.body_timeout):
-                    body = await _read_limited(stream, max_bytes, too_large)
-        except TimeoutError:
-            raise _TIMEOUT() from None
-        except (ConnectionError, EofStream, ClientPayloadError):
-            # The client hung up (or broke the framing) mid-body: nobody will read
-            # this answer, but the audit log records an incomplete request, not a bug.
-            raise _INCOMPLETE() from None
+        body = await read_body(request, max_bytes, limits.body_timeout, too_large)
         if request.content_type != "application/json":
             raise _UNSUPPORTED()
-        charset = request.charset
-        if charset is not None and charset.lower() not in ("utf-8", "utf8"):
-            raise _UNSUPPORTED()
+        check_utf8(request)
         _check_idempotency_key(call)
         decoded = decode_object(body)
         validate_fields(call.endpoint, decoded, limits.max_message_chars)
         call.body = decoded
 
     return guard
+
+
+async def read_body(
+    request: Any, max_bytes: int, timeout: float, too_large: Callable[[], Reject]
+) -> bytes:
+    """The whole body: 413 past ``max_bytes`` (from Content-Length before reading, and
+    while reading), 408 when it does not arrive within ``timeout``."""
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise too_large()
+    if request.headers.get("Expect") is not None:
+        await _continue(request)
+    stream = request.content
+    try:
+        if stream.is_eof():  # the whole body came with the head: take it, no waiting
+            body: bytes = stream.read_nowait()
+            if len(body) > max_bytes:
+                raise too_large()
+            return body
+        async with asyncio.timeout(timeout):
+            return await _read_limited(stream, max_bytes, too_large)
+    except TimeoutError:
+        raise _TIMEOUT() from None
+    except (ConnectionError, EofStream, ClientPayloadError):
+        # The client hung up (or broke the framing) mid-body: nobody will read
+        # this answer, but the audit log records an incomplete request, not a bug.
+        raise _INCOMPLETE() from None
+
+
+def check_utf8(request: Any) -> None:
+    """415 unless the body's charset is absent or UTF-8."""
+    charset = request.charset
+    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+        raise _UNSUPPORTED()
 
 
 async def _continue(request: Any) -> None:

@@ -221,7 +221,8 @@ class OpenClawForwarder(BaseForwarder):
         agent = call.agent
         assert agent is not None
         body: dict[str, Any]
-        if call.endpoint == "agent":
+        action = call.endpoint if call.route is None else call.action  # docs/routes.md
+        if action == "agent":
             body = {
                 "message": call.body["message"],
                 "agentId": agent.agent_id,
@@ -234,7 +235,7 @@ class OpenClawForwarder(BaseForwarder):
         # UTF-8 rather than \u escapes: a non-ASCII message stays its own size, so a
         # body the sidecar accepted stays under the gateway's 256 KiB cap.
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        return f"/hooks/{call.endpoint}", data, [("Content-Type", "application/json")]
+        return f"/hooks/{action}", data, [("Content-Type", "application/json")]
 
     def request(self, parts: Parts, token: bytes, call: Call) -> bytes:
         path, body, headers = parts
