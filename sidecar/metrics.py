@@ -43,10 +43,11 @@ ERROR_CODES = (
     "payload_too_large", "request_timeout", "unsupported_media_type", "invalid_json",
     "invalid_request", "agent_not_found", "agent_not_permitted", "session_key_not_allowed",
     "upstream_error", "upstream_unavailable", "upstream_timeout", "internal_error",
+    "duplicate_in_flight", "dedup_unavailable",
 )  # fmt: skip
 # Every status the public API answers with (docs/http-api.md). Upstream statuses are mapped
 # to 502/503/504 by the forwarder, so none of them can reach this label directly.
-STATUSES = (200, 400, 401, 403, 404, 405, 408, 413, 415, 429, 500, 502, 503, 504)
+STATUSES = (200, 400, 401, 403, 404, 405, 408, 409, 413, 415, 429, 500, 502, 503, 504)
 OTHER_STATUS = "other"
 RELOAD_RESULTS = ("success", "error")
 # Buckets around what a webhook costs: sub-millisecond refusals to multi-second agent admits.
@@ -211,6 +212,11 @@ class Metrics:
             "unreachable (rateLimit.failOpen: true).",
             registry=r,
         )
+        # By route name; the seed endpoints count as "wake"/"agent", never a route's name.
+        self.duplicates = Counts(
+            p + "duplicates_total", "Deliveries answered as duplicates (docs/dedup.md).",
+            ("route",), [("wake",), ("agent",)], r,
+        )  # fmt: skip
         # The hot path reads these directly: one dict lookup per update.
         self._requests = self.requests.values
         self._status = {s: str(s) for s in STATUSES}
@@ -250,6 +256,12 @@ class Metrics:
         if code is not None:
             # A code missing from ERROR_CODES (a test checks) still counts.
             self._rejections[(code,)] = self._rejections.get((code,), 0.0) + 1
+
+    def duplicate(self, route: str) -> None:
+        """A delivery answered as a duplicate (done, or in flight) on ``route``."""
+        values = self.duplicates.values
+        key = (route,)
+        values[key] = values.get(key, 0.0) + 1
 
     def observe_upstream(self, endpoint: str, seconds: float) -> None:
         self._upstream[endpoint].observe(seconds)

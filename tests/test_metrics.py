@@ -39,6 +39,7 @@ SPEC_METRICS = {
     P + "tls_cert_not_after_timestamp_seconds": ("gauge", set()),
     P + "config_reloads": ("counter", {"result"}),
     P + "in_flight_requests": ("gauge", set()),
+    P + "duplicates": ("counter", {"route"}),  # docs/dedup.md
 }
 # docs/http-api.md: the status each error code is answered with.
 SPEC_STATUS = {
@@ -48,7 +49,7 @@ SPEC_STATUS = {
     "unsupported_media_type": 415, "invalid_json": 400, "invalid_request": 400,
     "agent_not_found": 404, "agent_not_permitted": 403, "session_key_not_allowed": 403,
     "upstream_error": 502, "upstream_unavailable": 503, "upstream_timeout": 504,
-    "internal_error": 500,
+    "internal_error": 500, "duplicate_in_flight": 409, "dedup_unavailable": 503,
 }  # fmt: skip
 
 
