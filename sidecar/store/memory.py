@@ -50,16 +50,13 @@ class MemoryDedupStore:
         entry = entries.get(key)
         if entry is not None and entry[1] > now:
             return Claim.DONE if entry[0] else Claim.IN_FLIGHT
-        for _ in range(_SWEEP):  # the oldest may have expired: free their room first
-            if not entries:
-                break
-            oldest = next(iter(entries.values()))
-            if oldest[1] > now:
-                break
-            entries.popitem(last=False)
         if entry is not None:
             del entries[key]  # expired: claimed afresh, at the young end
-        elif len(entries) >= self.max_entries:
+        for _ in range(_SWEEP):  # the oldest may have expired: free their room first
+            if not entries or next(iter(entries.values()))[1] > now:
+                break
+            entries.popitem(last=False)
+        while len(entries) >= self.max_entries:  # (more than one after a reload shrank it)
             entries.popitem(last=False)  # full: the oldest goes, expired or not
         entries[key] = (False, now + in_flight_ttl)
         return Claim.NEW
@@ -69,8 +66,9 @@ class MemoryDedupStore:
 
     def complete_now(self, key: str, ttl: float) -> None:
         entries = self._entries
-        if key not in entries and len(entries) >= self.max_entries:
-            entries.popitem(last=False)
+        if key not in entries:
+            while len(entries) >= self.max_entries:
+                entries.popitem(last=False)
         entries[key] = (True, self.clock() + ttl)
         entries.move_to_end(key)
 
