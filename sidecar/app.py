@@ -246,7 +246,9 @@ async def handle(state: State, request: web.BaseRequest) -> web.StreamResponse:
             for done in call.finalizers:
                 done()
     if call.claim is not None:  # the one place a held dedup id is remembered or forgotten
-        await call.claim.finish(response.status == 200)
+        pending = call.claim.finish(response.status == 200)
+        if pending is not None:
+            await pending
     return response
 
 

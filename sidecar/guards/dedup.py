@@ -27,12 +27,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, NoReturn
 
 from ..call import Answer, Call, Guard, Reject
 from ..metrics import Metrics
 from ..settings import Settings
-from ..store import Claim, DedupStore, DedupUnavailable
+from ..store import Claim, DedupStore, DedupUnavailable, MemoryDedupStore
 
 log = logging.getLogger("sidecar.dedup")
 
@@ -64,10 +64,14 @@ class Held:
         self.key = key
         self.ttl = ttl
 
-    async def finish(self, answered_ok: bool) -> None:
-        """Remember the id (a 200) or forget it (anything else). A backend that fails
-        now is not the caller's problem: the answer is given; an id not remembered
-        lets one retry through, one not forgotten blocks retries until it expires."""
+    def finish(self, answered_ok: bool) -> Awaitable[None] | None:
+        """Remember the id (a 200) or forget it (anything else)."""
+        return self._finish(answered_ok)
+
+    async def _finish(self, answered_ok: bool) -> None:
+        # A backend that fails now is not the caller's problem: the answer is given.
+        # An id not remembered lets one retry through; one not forgotten blocks
+        # retries until its in-flight time runs out.
         try:
             if answered_ok:
                 await self.store.complete(self.key, self.ttl)
@@ -78,9 +82,30 @@ class Held:
 
     def abandon(self) -> None:
         """The call was cancelled (shutdown cut-off): forget the id in the background."""
-        task = asyncio.ensure_future(self.finish(False))
+        task = asyncio.ensure_future(self._finish(False))
         _releasing.add(task)
         task.add_done_callback(_releasing.discard)
+
+
+class HeldInMemory:
+    """:class:`Held` for the memory store, which answers at once: no coroutine, no
+    task (the default backend's hot path)."""
+
+    __slots__ = ("key", "store", "ttl")
+
+    def __init__(self, store: MemoryDedupStore, key: str, ttl: float) -> None:
+        self.store = store
+        self.key = key
+        self.ttl = ttl
+
+    def finish(self, answered_ok: bool) -> None:
+        if answered_ok:
+            self.store.complete_now(self.key, self.ttl)
+        else:
+            self.store.release_now(self.key)
+
+    def abandon(self) -> None:
+        self.finish(False)
 
 
 def dedup(settings: Settings, store: DedupStore, metrics: Metrics) -> Guard:
@@ -89,6 +114,7 @@ def dedup(settings: Settings, store: DedupStore, metrics: Metrics) -> Guard:
     Calls with neither pay one attribute test and no coroutine.
     """
     in_flight_ttl = settings.sidecar.upstream.timeout + IN_FLIGHT_MARGIN
+    memory = store if isinstance(store, MemoryDedupStore) else None
 
     def guard(call: Call) -> Awaitable[None] | None:
         route = call.route
@@ -105,7 +131,16 @@ def dedup(settings: Settings, store: DedupStore, metrics: Metrics) -> Guard:
         endpoint = call.endpoint
         return _claim(call, f"hook:{call.secret.id}:{endpoint}:{key}", HOOK_TTL, endpoint)
 
-    async def _claim(call: Call, key: str, ttl: float, label: str) -> None:
+    def _claim(call: Call, key: str, ttl: float, label: str) -> Awaitable[None] | None:
+        if memory is not None:  # synchronous: no coroutine for the default backend
+            claim = memory.claim_now(key, in_flight_ttl)
+            if claim is Claim.NEW:
+                call.claim = HeldInMemory(memory, key, ttl)
+                return None
+            _duplicate(call, claim, label)  # raises
+        return _claim_shared(call, key, ttl, label)
+
+    async def _claim_shared(call: Call, key: str, ttl: float, label: str) -> None:
         try:
             claim = await store.claim(key, in_flight_ttl)
         except DedupUnavailable:
@@ -118,6 +153,9 @@ def dedup(settings: Settings, store: DedupStore, metrics: Metrics) -> Guard:
         if claim is Claim.NEW:
             call.claim = Held(store, key, ttl)
             return
+        _duplicate(call, claim, label)
+
+    def _duplicate(call: Call, claim: Claim, label: str) -> NoReturn:
         metrics.duplicate(label)
         call.audit("duplicate", True)
         if claim is Claim.IN_FLIGHT:
