@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from support.clients import post
@@ -147,6 +148,25 @@ async def test_an_upstream_failure_is_forgotten_so_the_retry_goes_through(
     assert len(scripted.calls) == 2
     status, _, body = await sc.post("/hooks/agent", BODY, headers=key_header("retry-me"))
     assert status == 200 and body["duplicate"] is True  # now it is remembered
+    assert len(scripted.calls) == 2
+
+
+async def test_a_call_cut_off_by_shutdown_forgets_its_key(
+    make_sidecar: Any, scripted: ScriptedRuntime
+) -> None:
+    sc: Sidecar = await make_sidecar(base_doc(scripted.path))
+    scripted.gate = asyncio.Event()
+    first = asyncio.ensure_future(sc.post("/hooks/agent", BODY, headers=key_header("cut")))
+    await asyncio.wait_for(scripted.arrived.wait(), 10)
+    store = sc.state.dedup_store
+    assert isinstance(store, MemoryDedupStore) and "hook:default:agent:cut" in store
+    assert sc.state.cut_off() == 1  # what the drain deadline does
+    with pytest.raises(aiohttp.ClientError):
+        await first  # no answer: the connection is closed
+    assert "hook:default:agent:cut" not in store
+    scripted.gate.set()
+    status, _, body = await sc.post("/hooks/agent", BODY, headers=key_header("cut"))
+    assert status == 200 and "duplicate" not in body  # the sender's retry goes through
     assert len(scripted.calls) == 2
 
 
