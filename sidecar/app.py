@@ -159,21 +159,16 @@ class State:
         if self.pool is not None:
             self.pool.close()
 
-    async def close_limiters(self) -> None:
-        limiters, self.retired_limiters = self.retired_limiters, []
-        if self.limiter is not None:
-            limiters.append(self.limiter)
-            self.limiter = None
-        for limiter in limiters:
-            await limiter.aclose()
-
-    async def close_dedup_stores(self) -> None:
-        stores, self.retired_dedup_stores = self.retired_dedup_stores, []
-        if self.dedup_store is not None:
-            stores.append(self.dedup_store)
-            self.dedup_store = None
-        for store in stores:
-            await store.aclose()
+    async def close_backends(self) -> None:
+        """Close the limiters and dedup stores, current and retired (at exit)."""
+        backends: list[Limiter | DedupStore | None] = [
+            *self.retired_limiters, *self.retired_dedup_stores, self.limiter, self.dedup_store
+        ]  # fmt: skip
+        self.retired_limiters, self.retired_dedup_stores = [], []
+        self.limiter = self.dedup_store = None
+        for backend in backends:
+            if backend is not None:
+                await backend.aclose()
 
 
 def _endpoint(settings: Settings) -> tuple[object, ...]:
@@ -293,12 +288,11 @@ async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
     state.close()
 
 
-async def _limiter(app: web.Application) -> AsyncIterator[None]:
+async def _backends(app: web.Application) -> AsyncIterator[None]:
     """The limiter and the dedup store (Redis connection pools) are closed on the loop
     they ran on."""
     yield
-    await app[STATE].close_limiters()
-    await app[STATE].close_dedup_stores()
+    await app[STATE].close_backends()
 
 
 def create_app(state: State) -> web.Application:
@@ -308,7 +302,7 @@ def create_app(state: State) -> web.Application:
     app = web.Application()
     app[STATE] = state
     app.cleanup_ctx.append(_upstream_pool)
-    app.cleanup_ctx.append(_limiter)
+    app.cleanup_ctx.append(_backends)
     return app
 
 

@@ -37,6 +37,7 @@ from support.common import (
     terminate,
     write_config,
 )
+from support.redis_server import RedisServer, running_redis_server
 
 from sidecar import config, devruntime
 from sidecar.app import PublicRunner, State, create_app
@@ -100,3 +101,10 @@ def sidecar_process() -> Iterator[Callable[..., SidecarProcess]]:
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server for one test (tests/support/redis_server.py)."""
+    with running_redis_server() as server:
+        yield server

@@ -24,13 +24,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError
 
-from ..store.redis_client import TIMEOUT, Outage, connect, describe
+from ..store.redis_client import RedisBackend, describe
 from .base import Check, Decision, Limiter, LimiterUnavailable
 
 __all__ = ["KEY_PREFIX", "SCRIPT", "SCRIPT_SHA", "RedisLimiter", "describe"]
@@ -72,24 +71,18 @@ SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis nam
 _Pending = tuple[int, list[str | int], "asyncio.Future[list[int]]"]
 
 
-class RedisLimiter(Limiter):
+class RedisLimiter(RedisBackend, Limiter):
     """Token buckets in Redis, one connection pool per process."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        prefix: str = KEY_PREFIX,
-        timeout: float = TIMEOUT,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.backend = url
-        self.where = describe(url)
-        self.prefix = prefix
-        self.client = connect(url, timeout)
+    PREFIX = KEY_PREFIX
+    WHAT = "rate limit"
+    COUNT = "failedDecisions"
+    logger = log
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
         self._queue: list[_Pending] = []
         self._sending: set[asyncio.Task[None]] = set()
-        self._outage = Outage(log, "rate limit", self.where, "failedDecisions", clock)
         self._probe: asyncio.Task[None] | None = None  # the one batch testing a down Redis
 
     async def acquire(self, checks: Sequence[Check]) -> Decision:
@@ -179,4 +172,4 @@ class RedisLimiter(Limiter):
     async def aclose(self) -> None:
         for task in list(self._sending):
             task.cancel()
-        await self.client.aclose()
+        await super().aclose()

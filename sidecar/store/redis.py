@@ -14,14 +14,13 @@ the back-off and outage log lines of :mod:`sidecar.store.redis_client`.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from .base import Claim, DedupUnavailable
-from .redis_client import TIMEOUT, Outage, connect, describe
+from .redis_client import RedisBackend
 
 log = logging.getLogger("sidecar.dedup")
 
@@ -46,25 +45,18 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-class RedisDedupStore:
+class RedisDedupStore(RedisBackend):
     """Dedup ids in Redis, one connection pool per process."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        prefix: str = KEY_PREFIX,
-        timeout: float = TIMEOUT,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.backend = url
-        self.where = describe(url)
-        self.prefix = prefix
-        self.client = connect(url, timeout)
+    PREFIX = KEY_PREFIX
+    WHAT = "dedup"
+    logger = log
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
         # register_script: EVALSHA, and EVAL once when Redis does not know the script.
         self._claim = self.client.register_script(CLAIM)
         self._release = self.client.register_script(RELEASE)
-        self._outage = Outage(log, "dedup", self.where, "failedCalls", clock)
 
     async def _run(self, op: Callable[[], Any]) -> Any:
         outage = self._outage
@@ -91,6 +83,3 @@ class RedisDedupStore:
     async def release(self, key: str) -> None:
         keys = [self.prefix + key]
         await self._run(lambda: self._release(keys))
-
-    async def aclose(self) -> None:
-        await self.client.aclose()

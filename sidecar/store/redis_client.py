@@ -122,3 +122,32 @@ class Outage:
         )
         self.down_since = None
         self.failures = 0
+
+
+class RedisBackend:
+    """A backend kept in Redis: its URL (``backend``, what a reload compares), the URL
+    fit for logs (``where``), a key prefix, one pool per process and its outage state.
+    Subclasses name their default prefix (``PREFIX``), their ``logger``, what their
+    outage log lines call them (``WHAT``) and the calls they count (``COUNT``)."""
+
+    PREFIX = ""
+    WHAT = ""
+    COUNT = "failedCalls"
+    logger: logging.Logger
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str | None = None,
+        timeout: float = TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = url
+        self.where = describe(url)
+        self.prefix = self.PREFIX if prefix is None else prefix
+        self.client = connect(url, timeout)
+        self._outage = Outage(self.logger, self.WHAT, self.where, self.COUNT, clock)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

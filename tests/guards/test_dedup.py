@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from support.common import (
     serve_unix,
     write_config,
 )
-from support.redis_server import RedisServer, running_redis_server
+from support.redis_server import RedisServer
 from support.scrape import Scrape
 
 from sidecar import config
@@ -69,18 +69,20 @@ class ScriptedRuntime:
         return web.json_response({"ok": True, "runId": f"run-{uuid.uuid4().hex[:8]}"})
 
 
+async def held_call(sc: Sidecar, scripted: ScriptedRuntime, key: str) -> asyncio.Future[Any]:
+    """A keyed call the runtime holds (until ``scripted.gate`` is set): in flight."""
+    scripted.gate = asyncio.Event()
+    call = asyncio.ensure_future(sc.post("/hooks/agent", BODY, headers=key_header(key)))
+    await asyncio.wait_for(scripted.arrived.wait(), 10)
+    return call
+
+
 @pytest.fixture
 async def scripted(short_tmp: Path) -> AsyncIterator[ScriptedRuntime]:
     rt = ScriptedRuntime(short_tmp / "scripted.sock")
     runner = await serve_unix(rt.path, rt.hook)
     yield rt
     await runner.cleanup()
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    with running_redis_server() as server:
-        yield server
 
 
 # ---------------------------------------------------------------- memory backend
@@ -119,9 +121,7 @@ async def test_a_concurrent_duplicate_is_409_with_retry_after_1(
     make_sidecar: Any, scripted: ScriptedRuntime
 ) -> None:
     sc: Sidecar = await make_sidecar(base_doc(scripted.path))
-    scripted.gate = asyncio.Event()
-    first = asyncio.ensure_future(sc.post("/hooks/agent", BODY, headers=key_header("k")))
-    await asyncio.wait_for(scripted.arrived.wait(), 10)  # the first is being forwarded
+    first = await held_call(sc, scripted, "k")  # the first is being forwarded
     status, headers, body = await sc.post("/hooks/agent", BODY, headers=key_header("k"))
     assert (status, body["error"]) == (409, "duplicate_in_flight")
     assert headers["Retry-After"] == "1"
@@ -155,9 +155,7 @@ async def test_a_call_cut_off_by_shutdown_forgets_its_key(
     make_sidecar: Any, scripted: ScriptedRuntime
 ) -> None:
     sc: Sidecar = await make_sidecar(base_doc(scripted.path))
-    scripted.gate = asyncio.Event()
-    first = asyncio.ensure_future(sc.post("/hooks/agent", BODY, headers=key_header("cut")))
-    await asyncio.wait_for(scripted.arrived.wait(), 10)
+    first = await held_call(sc, scripted, "cut")
     store = sc.state.dedup_store
     assert isinstance(store, MemoryDedupStore) and "hook:default:agent:cut" in store
     assert sc.state.cut_off() == 1  # what the drain deadline does

@@ -7,19 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
-from support.redis_server import RedisServer, running_redis_server
+from support.redis_server import RedisServer
 
 from sidecar.store import Claim, DedupUnavailable, open_dedup_store
 from sidecar.store.redis import KEY_PREFIX, RedisDedupStore
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    with running_redis_server() as server:
-        yield server
 
 
 @pytest.fixture
