@@ -57,17 +57,24 @@ class RedisDedupStore(RedisBackend):
         # register_script: EVALSHA, and EVAL once when Redis does not know the script.
         self._claim = self.client.register_script(CLAIM)
         self._release = self.client.register_script(RELEASE)
+        self._probing = False
 
     async def _run(self, op: Callable[[], Any]) -> Any:
         outage = self._outage
-        if outage.backing_off():  # a dead Redis: answer at once, not after a timeout
-            outage.refused()
-            raise DedupUnavailable(self.where)
+        probe = outage.down_since is not None
+        if probe:  # a dead Redis: answer at once, not after a timeout each
+            if self._probing or outage.backing_off():
+                outage.refused()
+                raise DedupUnavailable(self.where)
+            self._probing = True  # this call tries again; the others wait for its answer
         try:
             reply = await op()
         except (RedisError, OSError) as exc:
             outage.failed(exc)
             raise DedupUnavailable(self.where) from None
+        finally:
+            if probe:
+                self._probing = False
         outage.recovered()
         return reply
 

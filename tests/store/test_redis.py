@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -130,3 +131,31 @@ async def test_unreachable_fails_closed_fast_and_recovers_with_two_log_lines(
     messages = [r.getMessage() for r in caplog.records if r.name == "sidecar.dedup"]
     assert messages == ["dedup backend unreachable", "dedup backend reachable again"]
     assert all("hunter" not in r.getMessage() for r in caplog.records)
+
+
+async def test_a_silent_redis_costs_one_timeout_and_one_probe_at_a_time() -> None:
+    """A listening socket nobody reads: connect succeeds, the reply never comes."""
+    now = [0.0]
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        store = RedisDedupStore(url, timeout=0.5, clock=lambda: now[0])
+        try:
+            started = time.monotonic()
+            with pytest.raises(DedupUnavailable):
+                await store.claim("k", 5)
+            assert 0.4 < time.monotonic() - started < 1.4  # one timeout, not retried
+            now[0] += 1.0  # past the back-off: one call probes...
+            probe = asyncio.ensure_future(store.claim("k", 5))
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            for _ in range(10):  # ...and the others are answered at once meanwhile
+                with pytest.raises(DedupUnavailable):
+                    await store.claim("k", 5)
+            assert time.monotonic() - started < 0.3
+            assert not probe.done()
+            with pytest.raises(DedupUnavailable):
+                await probe
+        finally:
+            await store.aclose()
