@@ -6,7 +6,7 @@ Edit here to change what is measured:
   sidecar_config()  their configs;
   soak_config()     the soak's sidecar (bench/soak.py), every guard on;
   nginx_conf()      the nginx equivalent of the sidecar's default variant.
-The harness (bench/run.py) fills in ports, socket paths and the secret.
+The harness (bench/harness.py) fills in ports, socket paths and the secret.
 """
 
 from __future__ import annotations

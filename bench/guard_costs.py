@@ -35,6 +35,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import configs  # noqa: E402
+from harness import free_port  # noqa: E402
 
 COSTS: dict[str, int] = defaultdict(int)
 _ns = time.perf_counter_ns
@@ -112,8 +113,8 @@ def cpu_seconds() -> float:
 
 async def run(args: argparse.Namespace, tmp: Path) -> None:
     from sidecar import config, logs
-    from sidecar.process import server
     from sidecar.metrics import Metrics
+    from sidecar.process import server
 
     secret = secrets.token_hex(32)
     sock = tmp / "rt.sock"
@@ -129,9 +130,10 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
             secret=secret, listen="127.0.0.1:0", admin_listen="127.0.0.1:0",
             upstream_socket=str(sock), variant=args.variant,
         )  # fmt: skip
-        port = _free_port()
+        ports: set[int] = set()
+        port = free_port(ports)
         doc["sidecar"]["listen"] = f"127.0.0.1:{port}"
-        doc["sidecar"]["admin"]["listen"] = f"127.0.0.1:{_free_port()}"
+        doc["sidecar"]["admin"]["listen"] = f"127.0.0.1:{free_port(ports)}"
         path = tmp / "sidecar.json"
         path.write_text(json.dumps(doc))
         settings = config.load(path)
@@ -185,14 +187,6 @@ def report(result: dict[str, Any], cpu: float, args: argparse.Namespace) -> None
     print(
         f"{'aiohttp + event loop + kernel (the rest)':48} {rest:7.2f} {rest / total_us * 100:5.1f}%"
     )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:

@@ -48,12 +48,14 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import configs  # noqa: E402
-import run  # noqa: E402
+import harness  # noqa: E402
+import procs  # noqa: E402
+from report import fmt, table  # noqa: E402
 
 LUA = BENCH / "wrk" / "soak.lua"
 EXPECTED_STATUSES = {"200", "401", "403", "429"}
 MIN_VERDICT_S = 120
-log = run.log
+log = procs.log
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,7 +96,7 @@ METRIC = re.compile(r"^webhook_sidecar_(requests|rejections)_total\{([^}]*)\} ([
 
 def scrape(admin_port: int) -> dict[str, dict[str, int]]:
     """Requests by status code and rejections by reason, from the sidecar's /metrics."""
-    st, text = run.http_call(admin_port, "GET", "/metrics", max_bytes=None)
+    st, text = harness.http_call(admin_port, "GET", "/metrics", max_bytes=None)
     return parse_metrics(text if st == 200 else "")
 
 
@@ -123,21 +125,21 @@ class Sampler:
     server core was shared since the previous sample (a stall with the core
     taken by other programs is the shared machine, not the sidecar)."""
 
-    def __init__(self, target: run.Target, runtime: run.Target, probe_path: Path, cpu: int):
+    def __init__(self, target: harness.Target, runtime: harness.Target, probe_path: Path, cpu: int):
         self.target, self.probe_path, self.cpu = target, probe_path, cpu
         self.pids = [target.proc.pid, runtime.proc.pid]
         self.t0 = time.monotonic()
         self.last = self._cpu()
 
     def _cpu(self) -> tuple[int, tuple[int, int, int]]:
-        return run.cpu_ticks(self.pids), run.core_times().get(self.cpu, (0, 0, 0))
+        return procs.cpu_ticks(self.pids), procs.core_times().get(self.cpu, (0, 0, 0))
 
     def __call__(self) -> dict[str, Any]:
         pid = self.target.proc.pid
         s: dict[str, Any] = {
             "t": round(time.monotonic() - self.t0, 1),
-            "rss_kb": run.status_kb(pid, "VmRSS"),
-            "hwm_kb": run.status_kb(pid, "VmHWM"),
+            "rss_kb": procs.status_kb(pid, "VmRSS"),
+            "hwm_kb": procs.status_kb(pid, "VmHWM"),
         }
         ours0, (busy0, total0, _) = self.last
         self.last = ours, (busy, total, _) = self._cpu()
@@ -314,7 +316,7 @@ def report(
     w("   (big tables live there, small objects in CPython's own arenas: blocks, in thousands);")
     w("   tables: lockout records/locks/limiter buckets; queue: audit lines waiting; objects:")
     w("   gc-tracked; req/s and other% (server core time taken by other programs) in the minute")
-    out += run.table(
+    out += table(
         [
             "at",
             "rss",
@@ -331,13 +333,13 @@ def report(
     )
     w("")
     w(
-        f"== memory: rss at 1 min {run.fmt(m['rss_1min_mb'], '.1f')} MiB, max "
+        f"== memory: rss at 1 min {fmt(m['rss_1min_mb'], '.1f')} MiB, max "
         f"{m['rss_max_mb']} MiB, end {m['rss_end_mb']} MiB, peak (VmHWM) {m['peak_hwm_mb']} MiB"
     )
     slope = m["last_half_slope_mb_per_min"]
     w(
-        f"   second half: {run.fmt(slope, '+.3f')} MiB/min (least squares), "
-        f"{run.fmt(m['last_half_growth_mb'], '+.2f')} MiB over {m['duration_s'] / 2:.0f} s"
+        f"   second half: {fmt(slope, '+.3f')} MiB/min (least squares), "
+        f"{fmt(m['last_half_growth_mb'], '+.2f')} MiB over {m['duration_s'] / 2:.0f} s"
     )
     if m["second_half_probe"]:
         w(
@@ -358,12 +360,12 @@ def report(
 
 
 def start(
-    h: run.Harness, args: argparse.Namespace, secret: str
-) -> tuple[run.Target, run.Target, Path, str]:
+    h: harness.Harness, args: argparse.Namespace, secret: str
+) -> tuple[harness.Target, harness.Target, Path, str]:
     """The runtime and the sidecar, under the table probe when it is a Python sidecar."""
     ports: set[int] = set()
-    runtime = run.start_runtime(h, args, ports)
-    cmd, env, how = run.resolve_sidecar(args, h.tmp)
+    runtime = harness.start_runtime(h, args, ports)
+    cmd, env, how = harness.resolve_sidecar(args, h.tmp)
     if cmd is None:
         raise RuntimeError(f"no runnable sidecar: {how}")
     probe_path = h.tmp / "probe.jsonl"
@@ -373,11 +375,11 @@ def start(
     if args.tracemalloc:
         env["PYTHONTRACEMALLOC"] = "1"
     make = functools.partial(configs.soak_config, secret=secret)
-    target = run.start_sidecar(h, args, ports, "sidecar-soak", cmd, env, make)
+    target = harness.start_sidecar(h, args, ports, "sidecar-soak", cmd, env, make)
     return runtime, target, probe_path, how
 
 
-def preflight(target: run.Target, secret: str, bad: str) -> None:
+def preflight(target: harness.Target, secret: str, bad: str) -> None:
     """A valid call, a bad token and a disallowed address, each from its own address."""
     for addr, token, want in (
         ("198.51.100.1", secret, 200),
@@ -389,12 +391,12 @@ def preflight(target: run.Target, secret: str, bad: str) -> None:
             "Authorization": f"Bearer {token}",
             "X-Forwarded-For": addr,
         }
-        st, body = run.http_call(target.port, "POST", configs.PATH, hdr, configs.BODY)
+        st, body = harness.http_call(target.port, "POST", configs.PATH, hdr, configs.BODY)
         if st != want:
             raise RuntimeError(f"preflight from {addr}: {st}, want {want}: {body[:200]}")
 
 
-def soak(h: run.Harness, args: argparse.Namespace) -> int:
+def soak(h: harness.Harness, args: argparse.Namespace) -> int:
     secret, bad = secrets.token_hex(32), secrets.token_hex(32)
     runtime, target, probe_path, how = start(h, args, secret)
     log(f"sidecar: {how}; pid {target.proc.pid}, {target.note}")
@@ -406,7 +408,7 @@ def soak(h: run.Harness, args: argparse.Namespace) -> int:
     log(f"soak: {secs} s, wrk -t{args.threads} -c{args.connections}, sample every {args.sample} s")
     sample = Sampler(target, runtime, probe_path, args.server_cpu)
     t0 = sample.t0
-    cpu0 = run.cpu_ticks([target.proc.pid]), run.cpu_ticks([runtime.proc.pid])
+    cpu0 = procs.cpu_ticks([target.proc.pid]), procs.cpu_ticks([runtime.proc.pid])
     samples = [sample()]
     wrk = h.spawn("wrk", argv, cpu=args.client_cpu, stdout_pipe=True, log_name="wrk.log")
     next_log = 60.0 if secs >= 120 else 0.0
@@ -414,7 +416,7 @@ def soak(h: run.Harness, args: argparse.Namespace) -> int:
         time.sleep(min(args.sample, max(0.1, secs + 1 - (time.monotonic() - t0))))
         s = sample()
         samples.append(s)
-        truncate_log(target)
+        procs.truncate_log(target.proc.log_path)
         if not target.proc.alive():
             break
         if s["t"] >= next_log:
@@ -427,7 +429,7 @@ def soak(h: run.Harness, args: argparse.Namespace) -> int:
     out, _ = wrk.popen.communicate(timeout=30)
     wall = time.monotonic() - t0
     cpu = [
-        round(100 * (run.cpu_ticks([p]) - c0) / run.CLK_TCK / wall, 1)
+        round(100 * (procs.cpu_ticks([p]) - c0) / procs.CLK_TCK / wall, 1)
         for p, c0 in zip((target.proc.pid, runtime.proc.pid), cpu0, strict=True)
     ]
     h.stop(wrk)
@@ -442,7 +444,7 @@ def soak(h: run.Harness, args: argparse.Namespace) -> int:
         raise RuntimeError(f"no SOAK_RESULT from wrk (exit {wrk.popen.returncode})")
     result = json.loads(line[len("SOAK_RESULT ") :])
     # Both counts include the preflight's valid call.
-    posts = int(json.loads(run.http_call(runtime.port, "GET", "/__bench/stats")[1])["posts"])
+    posts = int(json.loads(harness.http_call(runtime.port, "GET", "/__bench/stats")[1])["posts"])
     flags = check(result, final, posts)
     if not target.proc.alive():
         flags.append(f"the sidecar died (status {target.proc.popen.returncode})")
@@ -475,15 +477,6 @@ def soak(h: run.Harness, args: argparse.Namespace) -> int:
     return 4 if summ["memory"]["bounded"] is False else 0
 
 
-def truncate_log(target: run.Target) -> None:
-    # One audit line per request: gigabytes over a soak. Its cost is part of the
-    # load; keeping it is not (the startup lines were copied aside).
-    path = target.proc.log_path
-    with contextlib.suppress(OSError):
-        if path and path.stat().st_size > run.LOG_HEAD_BYTES:
-            os.truncate(path, 0)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for tool in (args.wrk, "taskset"):
@@ -493,11 +486,11 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, {args.client_cpu})
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, run._on_signal)
-    h = run.Harness(args.keep_tmp, args.nice)
+        signal.signal(sig, procs.on_signal)
+    h = harness.Harness(args.keep_tmp, args.nice)
     try:
         return soak(h, args)
-    except (KeyboardInterrupt, run.Interrupted) as e:
+    except (KeyboardInterrupt, procs.Interrupted) as e:
         log(f"\ninterrupted ({e or 'SIGINT'}): stopping everything")
         return 130
     except Exception as e:

@@ -37,12 +37,18 @@ from support.common import (
     terminate,
     write_config,
 )
+from support.openclaw import install as openclaw_install
 from support.redis_server import RedisServer, running_redis_server
 
 from sidecar import config, devruntime
 from sidecar.app import PublicRunner, State, create_app
 from sidecar.logs import AuditLog
 from sidecar.metrics import Metrics
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The OpenClaw download (~900 MB) is announced past the output capture.
+    openclaw_install.use_pytest_config(config)
 
 
 @pytest.fixture

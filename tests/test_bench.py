@@ -20,7 +20,9 @@ BENCH = REPO / "bench"
 sys.path.insert(0, str(BENCH))
 
 import configs  # noqa: E402
-import run  # noqa: E402
+import harness  # noqa: E402
+import measure  # noqa: E402
+import scenarios  # noqa: E402
 import soak  # noqa: E402
 
 IN_CI = os.environ.get("CI") == "true"
@@ -46,7 +48,7 @@ def bench(script: str, *args: str, timeout: float = 120) -> subprocess.Completed
 
 
 def test_each_refusal_variant_has_one_scenario_compared_with_the_floor() -> None:
-    thr, lat = run.all_scenarios()
+    thr, lat = scenarios.all_scenarios()
     by = {s.name: s for s in thr}
     for name, status, code in (
         ("sidecar-deny", 403, "ip_not_allowed"),
@@ -112,7 +114,7 @@ def test_deny_and_locked_scenarios_run_clean(tmp_path: Path) -> None:
 def test_wrk_counts_refusals_with_another_error_code(tmp_path: Path) -> None:
     """A 401 is not what a scenario expecting 401 locked_out wants: the floor's
     401s all count as wrong_code (what catches a 429 rate_limited for a locked_out)."""
-    port = run.free_port(set())
+    port = harness.free_port(set())
     floor = subprocess.Popen(
         [sys.executable, str(BENCH / "floor401.py"), "--port", str(port)],
         stdout=subprocess.DEVNULL,
@@ -121,11 +123,11 @@ def test_wrk_counts_refusals_with_another_error_code(tmp_path: Path) -> None:
     try:
         for _ in range(100):
             with contextlib.suppress(OSError):
-                if run.tcp_open(port):
+                if harness.tcp_open(port):
                     break
             time.sleep(0.1)
         url = f"http://127.0.0.1:{port}{configs.PATH}"
-        argv = [WRK or "wrk", "-t1", "-c2", "-d1s", "-s", str(run.LUA), url, "--", "x"]
+        argv = [WRK or "wrk", "-t1", "-c2", "-d1s", "-s", str(measure.LUA), url, "--", "x"]
         results = []
         for code in ("locked_out", "unauthorized"):
             out = subprocess.run(

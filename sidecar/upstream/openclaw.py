@@ -1,6 +1,6 @@
 """``protocol: "openclaw"``: a real OpenClaw gateway (npm ``openclaw`` 2026.9.x) over loopback HTTP.
 
-docs/upstream.md. docs/openclaw-gateway-notes.md records how the real gateway answers;
+docs/upstream.md. docs/openclaw.md records how the real gateway answers;
 tests/test_openclaw_integration.py drives one.
 
 What the gateway receives, built from validated fields only:

@@ -2,7 +2,7 @@
 gateway behaves the way the sidecar's ``protocol: "openclaw"`` relies on.
 
 One gateway for the whole module (~10 s start, ~1 GB RSS). Each test pins one
-observed fact; docs/openclaw-gateway-notes.md explains them. When one of these
+observed fact; docs/openclaw.md explains them. When one of these
 fails after an openclaw upgrade, the sidecar's upstream code needs a look.
 """
 
@@ -22,18 +22,18 @@ from typing import Any
 import aiohttp
 import pytest
 
-from support import openclaw_gateway as ocg
+from support import openclaw
 
 RUN_ID_LEN = 36  # a UUID
 
 
 @pytest.fixture(scope="module")
-def gateway() -> Iterator[ocg.Gateway]:
-    with ocg.gateway_for_tests() as gw:
+def gateway() -> Iterator[openclaw.Gateway]:
+    with openclaw.gateway_for_tests() as gw:
         port, marker = gw.port, gw.marker
         yield gw
     # The helper's promise: nothing of this gateway keeps running.
-    assert ocg.marked_pids(marker) == []
+    assert openclaw.marked_pids(marker) == []
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
@@ -60,7 +60,7 @@ class Raw:
 
 
 async def raw_post(
-    gw: ocg.Gateway,
+    gw: openclaw.Gateway,
     path: str,
     body: bytes | dict[str, object],
     headers: list[tuple[str, str]] | None = None,
@@ -125,20 +125,20 @@ pytestmark = pytest.mark.openclaw
 # ---------------------------------------------------------------------------
 
 
-def test_install_is_cached_and_marked(gateway: ocg.Gateway) -> None:
+def test_install_is_cached_and_marked(gateway: openclaw.Gateway) -> None:
     started = time.monotonic()
-    again = ocg.ensure_installed(gateway.install.cache_dir)
+    again = openclaw.ensure_installed(gateway.install.cache_dir)
     assert time.monotonic() - started < 1.0
     assert again == gateway.install
     for prefix, package, version in (
-        (gateway.install.entry.parents[2], "openclaw", ocg.OPENCLAW_VERSION),
-        (gateway.install.node.parents[3], ocg._node_package(), ocg.NODE_VERSION),
+        (gateway.install.entry.parents[2], "openclaw", openclaw.OPENCLAW_VERSION),
+        (gateway.install.node.parents[3], openclaw.install._node_package(), openclaw.NODE_VERSION),
     ):
         marker = json.loads((prefix / ".installed.json").read_text())
         assert (marker["package"], marker["version"]) == (package, version)
 
 
-def test_config_is_private_and_loopback(gateway: ocg.Gateway) -> None:
+def test_config_is_private_and_loopback(gateway: openclaw.Gateway) -> None:
     config = json.loads(gateway.config_path.read_text())
     assert config["gateway"]["bind"] == "loopback"
     assert config["hooks"]["allowedSessionKeyPrefixes"] == ["hook:"]
@@ -147,7 +147,7 @@ def test_config_is_private_and_loopback(gateway: ocg.Gateway) -> None:
     assert gateway.startup_seconds is not None and gateway.startup_seconds < 90
 
 
-def test_all_gateway_processes_are_tracked(gateway: ocg.Gateway) -> None:
+def test_all_gateway_processes_are_tracked(gateway: openclaw.Gateway) -> None:
     pids = gateway.processes()
     assert gateway.pid in pids and len(pids) >= 2
 
@@ -168,14 +168,14 @@ def test_half_finished_install_is_not_taken_as_complete(tmp_path: Path, tamper: 
     entry = pkg / "openclaw.mjs"
     entry.write_text("")
     (prefix / ".installed.json").write_text(json.dumps({"package": "openclaw", "version": "1.2.3"}))
-    assert ocg._is_complete(prefix, "openclaw", "1.2.3", entry)
+    assert openclaw.install._is_complete(prefix, "openclaw", "1.2.3", entry)
     if tamper == "no-marker":
         (prefix / ".installed.json").unlink()
     elif tamper == "wrong-version":
         (pkg / "package.json").write_text(json.dumps({"version": "1.2.4"}))
     else:
         entry.unlink()
-    assert not ocg._is_complete(prefix, "openclaw", "1.2.3", entry)
+    assert not openclaw.install._is_complete(prefix, "openclaw", "1.2.3", entry)
 
 
 # ---------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_half_finished_install_is_not_taken_as_complete(tmp_path: Path, tamper: 
 # ---------------------------------------------------------------------------
 
 
-async def test_wake_spec_body_is_accepted(gateway: ocg.Gateway) -> None:
+async def test_wake_spec_body_is_accepted(gateway: openclaw.Gateway) -> None:
     async with aiohttp.ClientSession() as session:
         for body in (wake_body(), wake_body(agentId="main")):
             async with session.post(
@@ -197,7 +197,7 @@ async def test_wake_spec_body_is_accepted(gateway: ocg.Gateway) -> None:
                 assert data["eventOutcome"] in {"queued", "coalesced"}
 
 
-async def test_wake_text_reaches_the_model(gateway: ocg.Gateway) -> None:
+async def test_wake_text_reaches_the_model(gateway: openclaw.Gateway) -> None:
     marker = f"wake-{uuid.uuid4().hex}"
     resp = await raw_post(gateway, "/hooks/wake", wake_body(text=marker, agentId="main"))
     assert resp.status == 200
@@ -206,13 +206,13 @@ async def test_wake_text_reaches_the_model(gateway: ocg.Gateway) -> None:
     assert f"] {marker}" in "\n".join(req.texts())  # "System: [<time>] <text>"
 
 
-async def test_wake_ignores_agent_only_fields(gateway: ocg.Gateway) -> None:
+async def test_wake_ignores_agent_only_fields(gateway: openclaw.Gateway) -> None:
     for extra in ({"sessionMode": "persistent"}, {"name": "Webhook"}, {"bogus": 1}):
         resp = await raw_post(gateway, "/hooks/wake", wake_body(agentId="main", **extra))
         assert resp.status == 200, extra
 
 
-async def test_wake_errors_are_json(gateway: ocg.Gateway) -> None:
+async def test_wake_errors_are_json(gateway: openclaw.Gateway) -> None:
     resp = await raw_post(gateway, "/hooks/wake", wake_body(agentId="nope"))
     assert (resp.status, resp.json()) == (400, {"ok": False, "error": 'unknown agentId "nope"'})
     assert resp.content_type == "application/json; charset=utf-8"
@@ -225,7 +225,7 @@ async def test_wake_errors_are_json(gateway: ocg.Gateway) -> None:
 # ---------------------------------------------------------------------------
 
 
-async def test_agent_spec_body_is_admitted_under_hook_session(gateway: ocg.Gateway) -> None:
+async def test_agent_spec_body_is_admitted_under_hook_session(gateway: openclaw.Gateway) -> None:
     session_name = f"order-{uuid.uuid4().hex[:12]}"
     message = f"agent message {uuid.uuid4().hex}"
     async with (
@@ -260,7 +260,7 @@ async def test_agent_spec_body_is_admitted_under_hook_session(gateway: ocg.Gatew
     assert f"session=agent:main:hook:{session_name}" in text
 
 
-async def test_persistent_session_keeps_context(gateway: ocg.Gateway) -> None:
+async def test_persistent_session_keeps_context(gateway: openclaw.Gateway) -> None:
     session_name = f"persist-{uuid.uuid4().hex[:12]}"
     first, second = (f"turn-{i}-{uuid.uuid4().hex}" for i in (1, 2))
     runs = []
@@ -275,7 +275,7 @@ async def test_persistent_session_keeps_context(gateway: ocg.Gateway) -> None:
     assert req.contains(first)  # the earlier turn is in the context
 
 
-async def test_stored_session_key_is_lower_cased(gateway: ocg.Gateway) -> None:
+async def test_stored_session_key_is_lower_cased(gateway: openclaw.Gateway) -> None:
     session_name = f"MiXeD-{uuid.uuid4().hex[:8]}"
     resp = await raw_post(gateway, "/hooks/agent", agent_body(session_name))
     assert resp.status == 200
@@ -285,7 +285,9 @@ async def test_stored_session_key_is_lower_cased(gateway: ocg.Gateway) -> None:
 
 
 @pytest.mark.slow
-async def test_busy_persistent_session_gives_503_after_15_seconds(gateway: ocg.Gateway) -> None:
+async def test_busy_persistent_session_gives_503_after_15_seconds(
+    gateway: openclaw.Gateway,
+) -> None:
     # Runs on one session key are serialized through completion: while a run
     # is busy (here: a slow model), the next request for that key waits for
     # admission for 15 s and then gets 503. Another key is admitted at once.
@@ -326,7 +328,7 @@ async def test_busy_persistent_session_gives_503_after_15_seconds(gateway: ocg.G
     ],
 )
 async def test_agent_policy_errors_are_json_400(
-    gateway: ocg.Gateway, body: dict[str, object], error: str
+    gateway: openclaw.Gateway, body: dict[str, object], error: str
 ) -> None:
     resp = await raw_post(gateway, "/hooks/agent", body)
     assert resp.status == 400
@@ -334,14 +336,14 @@ async def test_agent_policy_errors_are_json_400(
     assert resp.json() == {"ok": False, "error": error}
 
 
-async def test_session_prefix_check_is_case_insensitive(gateway: ocg.Gateway) -> None:
+async def test_session_prefix_check_is_case_insensitive(gateway: openclaw.Gateway) -> None:
     resp = await raw_post(
         gateway, "/hooks/agent", {**agent_body("x"), "sessionKey": f"HOOK:{uuid.uuid4().hex[:8]}"}
     )
     assert resp.status == 200
 
 
-async def test_idempotency_key_replays_the_run(gateway: ocg.Gateway) -> None:
+async def test_idempotency_key_replays_the_run(gateway: openclaw.Gateway) -> None:
     session_name = f"idem-{uuid.uuid4().hex[:8]}"
     key = f"idem-{uuid.uuid4().hex}"
     body = agent_body(session_name)
@@ -367,7 +369,7 @@ async def test_idempotency_key_replays_the_run(gateway: ocg.Gateway) -> None:
 # ---------------------------------------------------------------------------
 
 
-async def test_missing_or_wrong_token_is_plain_text_401(gateway: ocg.Gateway) -> None:
+async def test_missing_or_wrong_token_is_plain_text_401(gateway: openclaw.Gateway) -> None:
     for headers in (
         [],
         [("Authorization", "Bearer wrong-token")],
@@ -379,7 +381,7 @@ async def test_missing_or_wrong_token_is_plain_text_401(gateway: ocg.Gateway) ->
         assert resp.header("WWW-Authenticate") is None
 
 
-async def test_bearer_scheme_is_case_insensitive(gateway: ocg.Gateway) -> None:
+async def test_bearer_scheme_is_case_insensitive(gateway: openclaw.Gateway) -> None:
     resp = await raw_post(
         gateway,
         "/hooks/wake",
@@ -390,7 +392,7 @@ async def test_bearer_scheme_is_case_insensitive(gateway: ocg.Gateway) -> None:
     assert resp.status == 200
 
 
-async def test_duplicated_authorization_first_one_wins(gateway: ocg.Gateway) -> None:
+async def test_duplicated_authorization_first_one_wins(gateway: openclaw.Gateway) -> None:
     # The gateway does not refuse two Authorization headers (Node keeps the
     # first): the sidecar must send exactly one.
     good, bad = f"Bearer {gateway.hooks_token}", "Bearer wrong-token"
@@ -423,7 +425,7 @@ async def test_duplicated_authorization_first_one_wins(gateway: ocg.Gateway) -> 
     ],
 )
 async def test_forwarding_headers_are_refused(
-    gateway: ocg.Gateway, header: tuple[str, str]
+    gateway: openclaw.Gateway, header: tuple[str, str]
 ) -> None:
     resp = await raw_post(gateway, "/hooks/agent", agent_body("x"), [header])
     assert resp.status == 403
@@ -431,14 +433,14 @@ async def test_forwarding_headers_are_refused(
     assert resp.json()["error"]["type"] == "proxy_attribution_required"
 
 
-async def test_token_query_parameter_is_plain_text_400(gateway: ocg.Gateway) -> None:
+async def test_token_query_parameter_is_plain_text_400(gateway: openclaw.Gateway) -> None:
     resp = await raw_post(gateway, f"/hooks/wake?token={gateway.hooks_token}", wake_body())
     assert resp.status == 400
     assert resp.content_type == "text/plain; charset=utf-8"
     assert b"query parameters are not allowed" in resp.body
 
 
-async def test_unknown_path_and_method(gateway: ocg.Gateway) -> None:
+async def test_unknown_path_and_method(gateway: openclaw.Gateway) -> None:
     resp = await raw_post(gateway, "/hooks/unknown", wake_body())
     assert (resp.status, resp.body, resp.content_type) == (
         404,
@@ -454,12 +456,12 @@ async def test_unknown_path_and_method(gateway: ocg.Gateway) -> None:
         assert await get.text() == "Method Not Allowed"
 
 
-async def test_content_type_is_not_enforced(gateway: ocg.Gateway) -> None:
+async def test_content_type_is_not_enforced(gateway: openclaw.Gateway) -> None:
     resp = await raw_post(gateway, "/hooks/wake", wake_body(), [("Content-Type", "text/plain")])
     assert resp.status == 200
 
 
-async def test_body_limit_is_256_kib(gateway: ocg.Gateway) -> None:
+async def test_body_limit_is_256_kib(gateway: openclaw.Gateway) -> None:
     limit = 262_144
     overhead = len(json.dumps(wake_body(text="")).encode())
     at_limit = json.dumps(wake_body(text="a" * (limit - overhead))).encode()
@@ -472,7 +474,7 @@ async def test_body_limit_is_256_kib(gateway: ocg.Gateway) -> None:
     assert resp.header("Connection") == "close"
 
 
-async def test_readyz(gateway: ocg.Gateway) -> None:
+async def test_readyz(gateway: openclaw.Gateway) -> None:
     async with aiohttp.ClientSession() as session, session.get(gateway.url + "/readyz") as resp:
         assert resp.status == 200
         data = await resp.json()
@@ -481,7 +483,7 @@ async def test_readyz(gateway: ocg.Gateway) -> None:
 
 @pytest.mark.slow
 async def test_keep_alive_idle_connections_close_after_about_six_seconds(
-    gateway: ocg.Gateway,
+    gateway: openclaw.Gateway,
 ) -> None:
     body = json.dumps(wake_body()).encode()
     request = (
@@ -524,7 +526,7 @@ async def test_keep_alive_idle_connections_close_after_about_six_seconds(
 # ---------------------------------------------------------------------------
 
 
-async def test_hooks_token_hot_reload(gateway: ocg.Gateway) -> None:
+async def test_hooks_token_hot_reload(gateway: openclaw.Gateway) -> None:
     old, new = gateway.hooks_token, os.urandom(32).hex()
     pid = gateway.pid
     seconds = await asyncio.to_thread(gateway.set_hooks_token, new)
@@ -538,7 +540,7 @@ async def test_hooks_token_hot_reload(gateway: ocg.Gateway) -> None:
     assert resp.status == 401
 
 
-async def test_failed_auth_throttle_and_reset(gateway: ocg.Gateway) -> None:
+async def test_failed_auth_throttle_and_reset(gateway: openclaw.Gateway) -> None:
     # Start from a clean count: a success resets it.
     assert (await raw_post(gateway, "/hooks/wake", wake_body())).status == 200
     wrong = [("Authorization", "Bearer wrong-token")]
@@ -557,7 +559,7 @@ async def test_failed_auth_throttle_and_reset(gateway: ocg.Gateway) -> None:
     assert again.status == 401
 
 
-def test_invalid_config_reload_is_refused_and_old_config_kept(gateway: ocg.Gateway) -> None:
+def test_invalid_config_reload_is_refused_and_old_config_kept(gateway: openclaw.Gateway) -> None:
     def break_hooks(config: dict[str, Any]) -> None:
         config["hooks"]["bogus"] = 1  # hooks accepts no unknown keys
         config["hooks"]["token"] = "never-applied-" + "x" * 40

@@ -1,7 +1,7 @@
 """``protocol: "openclaw"`` against a fake gateway on real loopback TCP: what it is sent,
 how each of its replies maps to docs/http-api.md, token rotation, readiness from its /readyz.
 
-The fake answers the way docs/openclaw-gateway-notes.md says the real one does
+The fake answers the way docs/openclaw.md says the real one does
 (plain-text 401/429, JSON 400/403/413/503, forwarding headers refused before the
 token check), so this covers the mapping where the real gateway is not installed;
 tests/test_openclaw_integration.py repeats the essentials against the real one.

@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support import openclaw_gateway as ocg
+from support import openclaw
 from support.common import SECRET, Sidecar, free_port, write_config
 
 from sidecar.admin import create_admin_app
@@ -41,12 +41,12 @@ RUN_WAIT = 60.0
 
 
 @pytest.fixture(scope="module")
-def gateway() -> Iterator[ocg.Gateway]:
-    with ocg.gateway_for_tests(agents=("main", "ops"), allowed_agent_ids=("main",)) as gw:
+def gateway() -> Iterator[openclaw.Gateway]:
+    with openclaw.gateway_for_tests(agents=("main", "ops"), allowed_agent_ids=("main",)) as gw:
         yield gw
 
 
-def sidecar_doc(gw: ocg.Gateway, token_file: Path, **sidecar: Any) -> dict[str, Any]:
+def sidecar_doc(gw: openclaw.Gateway, token_file: Path, **sidecar: Any) -> dict[str, Any]:
     """The README's sidecar config for a gateway on ``gw.url``."""
     return {
         "webhooks": {
@@ -70,7 +70,7 @@ def sidecar_doc(gw: ocg.Gateway, token_file: Path, **sidecar: Any) -> dict[str, 
 
 
 @pytest.fixture
-def token_file(short_tmp: Path, gateway: ocg.Gateway) -> Path:
+def token_file(short_tmp: Path, gateway: openclaw.Gateway) -> Path:
     path = short_tmp / "openclaw-hooks-token"
     path.write_text(gateway.hooks_token + "\n")
     path.chmod(0o600)
@@ -78,12 +78,12 @@ def token_file(short_tmp: Path, gateway: ocg.Gateway) -> Path:
 
 
 @pytest.fixture
-async def sc(make_sidecar: Any, gateway: ocg.Gateway, token_file: Path) -> Sidecar:
+async def sc(make_sidecar: Any, gateway: openclaw.Gateway, token_file: Path) -> Sidecar:
     return await make_sidecar(sidecar_doc(gateway, token_file))
 
 
 def start_process(
-    sidecar_process: Any, gw: ocg.Gateway, token_file: Path, folder: Path
+    sidecar_process: Any, gw: openclaw.Gateway, token_file: Path, folder: Path
 ) -> tuple[Any, int, int]:
     """``webhook-sidecar run`` with the README's config; returns it, its public and admin port."""
     port, admin_port = free_port(), free_port()
@@ -96,17 +96,17 @@ def marker(kind: str) -> str:
     return f"{kind}-{uuid.uuid4().hex}"
 
 
-async def run_of(gw: ocg.Gateway, run_id: str) -> ocg.HookRun:
+async def run_of(gw: openclaw.Gateway, run_id: str) -> openclaw.HookRun:
     return await asyncio.to_thread(gw.wait_for_hook_run, run_id, RUN_WAIT)
 
 
-async def model_saw(gw: ocg.Gateway, needle: str) -> str:
+async def model_saw(gw: openclaw.Gateway, needle: str) -> str:
     assert gw.model is not None
     request = await asyncio.to_thread(gw.model.wait_for, needle, RUN_WAIT)
     return "\n".join(request.texts())
 
 
-def model_texts(gw: ocg.Gateway) -> str:
+def model_texts(gw: openclaw.Gateway) -> str:
     assert gw.model is not None
     return "\n".join(text for req in gw.model.requests for text in req.texts())
 
@@ -115,7 +115,7 @@ def model_texts(gw: ocg.Gateway) -> str:
 
 
 async def test_wake_is_200_and_its_text_reaches_the_agent(
-    sc: Sidecar, gateway: ocg.Gateway
+    sc: Sidecar, gateway: openclaw.Gateway
 ) -> None:
     status, _, body = await sc.post("/hooks/wake", {"agent": AGENT})
     assert status == 200, body
@@ -126,7 +126,7 @@ async def test_wake_is_200_and_its_text_reaches_the_agent(
 
 
 async def test_agent_call_runs_in_the_agents_hook_session(
-    sc: Sidecar, gateway: ocg.Gateway
+    sc: Sidecar, gateway: openclaw.Gateway
 ) -> None:
     message = marker("deploy")
     status, _, body = await sc.post("/hooks/agent", {"agent": AGENT, "message": message})
@@ -146,7 +146,7 @@ async def test_agent_call_runs_in_the_agents_hook_session(
 
 
 async def test_per_request_session_key_arrives_under_hook_prefix(
-    sc: Sidecar, gateway: ocg.Gateway
+    sc: Sidecar, gateway: openclaw.Gateway
 ) -> None:
     session = f"order-{uuid.uuid4().hex[:10]}"
     first, second = marker("first"), marker("second")
@@ -167,7 +167,7 @@ async def test_per_request_session_key_arrives_under_hook_prefix(
 
 
 async def test_mixed_case_session_key_is_sent_as_the_gateway_stores_it(
-    sc: Sidecar, gateway: ocg.Gateway
+    sc: Sidecar, gateway: openclaw.Gateway
 ) -> None:
     session = f"order-MiXeD-{uuid.uuid4().hex[:6]}"
     status, _, body = await sc.post(
@@ -180,7 +180,7 @@ async def test_mixed_case_session_key_is_sent_as_the_gateway_stores_it(
 
 
 async def test_same_idempotency_key_twice_gives_the_same_run(
-    sc: Sidecar, gateway: ocg.Gateway
+    sc: Sidecar, gateway: openclaw.Gateway
 ) -> None:
     call = {
         "agent": AGENT,
@@ -198,7 +198,7 @@ async def test_same_idempotency_key_twice_gives_the_same_run(
 
 
 async def test_client_forwarding_headers_are_not_passed_on(
-    sc: Sidecar, gateway: ocg.Gateway
+    sc: Sidecar, gateway: openclaw.Gateway
 ) -> None:
     # The gateway answers 403 to any of these; the sidecar must not pass them on.
     headers = {
@@ -216,7 +216,7 @@ async def test_client_forwarding_headers_are_not_passed_on(
 
 
 async def test_large_non_ascii_message_the_sidecar_accepts_is_accepted(
-    make_sidecar: Any, gateway: ocg.Gateway, token_file: Path
+    make_sidecar: Any, gateway: openclaw.Gateway, token_file: Path
 ) -> None:
     doc = sidecar_doc(
         gateway, token_file, limits={"maxBodyBytes": 250_000, "maxMessageChars": 250_000}
@@ -236,7 +236,7 @@ async def test_large_non_ascii_message_the_sidecar_accepts_is_accepted(
 
 
 async def test_what_the_sidecar_refuses_never_reaches_the_gateway(
-    sc: Sidecar, gateway: ocg.Gateway
+    sc: Sidecar, gateway: openclaw.Gateway
 ) -> None:
     refused: list[tuple[int, str, dict[str, Any]]] = []
 
@@ -272,7 +272,7 @@ async def test_what_the_sidecar_refuses_never_reaches_the_gateway(
 
 
 async def test_agent_the_gateway_does_not_allow_is_502(
-    sc: Sidecar, gateway: ocg.Gateway, caplog: pytest.LogCaptureFixture
+    sc: Sidecar, gateway: openclaw.Gateway, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     status, _, body = await sc.post("/hooks/agent", {"agent": OPS, "message": "hello"})
@@ -286,7 +286,7 @@ async def test_agent_the_gateway_does_not_allow_is_502(
 
 
 async def test_readiness_follows_the_gateway(
-    sc: Sidecar, gateway: ocg.Gateway, aiohttp_client: Any
+    sc: Sidecar, gateway: openclaw.Gateway, aiohttp_client: Any
 ) -> None:
     admin = await aiohttp_client(create_admin_app(sc.state))
     async with admin.get("/readyz") as resp:
@@ -294,7 +294,7 @@ async def test_readiness_follows_the_gateway(
 
 
 async def test_real_process_configured_like_the_readme(
-    sidecar_process: Any, gateway: ocg.Gateway, token_file: Path, short_tmp: Path
+    sidecar_process: Any, gateway: openclaw.Gateway, token_file: Path, short_tmp: Path
 ) -> None:
     proc, port, admin_port = start_process(sidecar_process, gateway, token_file, short_tmp)
     async with aiohttp.ClientSession() as http:
@@ -351,7 +351,7 @@ class Load:
 
 
 async def test_rotating_the_gateway_token_file_first_fails_no_call(
-    sc: Sidecar, gateway: ocg.Gateway, token_file: Path, caplog: pytest.LogCaptureFixture
+    sc: Sidecar, gateway: openclaw.Gateway, token_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     new = os.urandom(32).hex()
@@ -372,7 +372,7 @@ async def test_rotating_the_gateway_token_file_first_fails_no_call(
 
 
 async def test_rotating_with_a_sidecar_reload_in_between_fails_no_call(
-    sidecar_process: Any, gateway: ocg.Gateway, token_file: Path, short_tmp: Path
+    sidecar_process: Any, gateway: openclaw.Gateway, token_file: Path, short_tmp: Path
 ) -> None:
     """A real sidecar process, reloaded with SIGHUP after its token file changed and
     before the gateway's hooks.token does: it keeps the previous token at hand."""
@@ -404,7 +404,7 @@ async def test_rotating_with_a_sidecar_reload_in_between_fails_no_call(
 async def test_wrong_upstream_token_is_502_and_never_blocks_the_right_one(
     make_sidecar: Any,
     sc: Sidecar,
-    gateway: ocg.Gateway,
+    gateway: openclaw.Gateway,
     short_tmp: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -428,7 +428,7 @@ async def test_wrong_upstream_token_is_502_and_never_blocks_the_right_one(
 
 
 async def test_draining_then_stopped_gateway_is_503_and_not_ready(
-    sc: Sidecar, gateway: ocg.Gateway, aiohttp_client: Any
+    sc: Sidecar, gateway: openclaw.Gateway, aiohttp_client: Any
 ) -> None:
     """Last: stops the module's gateway. A gateway draining for a restart answers 503;
     so does the sidecar (upstream_unavailable, Retry-After), and /readyz says why."""
