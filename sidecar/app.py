@@ -23,6 +23,7 @@ from .guards.allowlist import ip_allowlist
 from .guards.auth import bearer_auth
 from .guards.body import json_body
 from .guards.clientip import client_address
+from .guards.dedup import dedup
 from .guards.enabled import webhooks_enabled
 from .guards.lockout import LockoutTable, auth_lockout, failure_recorder
 from .guards.ratelimit import InFlight, agent_limits, client_limits
@@ -34,6 +35,7 @@ from .responses import INTERNAL_ERROR, answer_response, error_response, ok_respo
 from .routes import guards as signed
 from .routes import profile_for
 from .settings import Route, Settings
+from .store import DedupStore, MemoryDedupStore, open_dedup_store
 from .upstream import make_forwarder, make_pool
 from .upstream.base import BaseForwarder
 from .upstream.pool import Pool
@@ -41,7 +43,7 @@ from .upstream.pool import Pool
 log = logging.getLogger("sidecar")
 
 
-def pipeline(settings: Settings, state: State, limiter: Limiter) -> list[Guard]:
+def pipeline(settings: Settings, state: State, limiter: Limiter, store: DedupStore) -> list[Guard]:
     """The guard chain, in docs/http-api.md order: cheap, unauthenticated checks first, and
     nothing about agents revealed before authentication. ``None`` entries are
     controls the config leaves off."""
@@ -58,6 +60,12 @@ def pipeline(settings: Settings, state: State, limiter: Limiter) -> list[Guard]:
         json_body(settings),  # 413, 408, 415, 400 invalid_json / invalid_request
         agent_lookup(settings),  # 404 agent_not_found, 403 agent_not_permitted
         session_key_policy(settings),  # 403 session_key_not_allowed
+        # 409 duplicate_in_flight, 503 dedup_unavailable, 200 duplicate (docs/dedup.md).
+        # Before agent_limits: a retry of a delivery already done is answered without
+        # spending the agent's budget or a maxConcurrent slot (a 429 there would only
+        # make the sender retry again), and no slot is held while the claim waits on
+        # Redis. The price: a 429 below must forget the claim, which handle() does.
+        dedup(settings, store, state.metrics),
         # 429 rate_limited (the agent's limit, maxConcurrent): last, so a refused call costs nothing
         agent_limits(settings, limiter, state.in_flight, state.metrics),
     ]
@@ -65,7 +73,7 @@ def pipeline(settings: Settings, state: State, limiter: Limiter) -> list[Guard]:
 
 
 def route_pipeline(
-    settings: Settings, sender: Route, state: State, limiter: Limiter
+    settings: Settings, sender: Route, state: State, limiter: Limiter, store: DedupStore
 ) -> list[Guard]:
     """One route's guard chain (docs/routes.md): the same cheap checks first, then the
     raw body and its signature before anything parses it; rate limits count only
@@ -85,10 +93,10 @@ def route_pipeline(
         signed.payload(settings, sender, profile, failed),  # 415, 400 invalid_json; ping, challenge
         signed.when(sender, profile),  # 200 ignored
         signed.render(settings, sender, profile),  # 422 template_error, 403 session_key_not_allowed
+        # 200 duplicate, 409 duplicate_in_flight, 503 dedup_unavailable: after the
+        # signature, the body and `when`, before the agent's budget (see pipeline())
+        dedup(settings, store, state.metrics),
         agent_limits(settings, limiter, state.in_flight, state.metrics),  # 429 rate_limited
-        # DEDUP SLOT (issue 15, dedup part): the delivery-id guard goes here, after the
-        # signature, body and `when`, before forwarding. It reads call.route, the
-        # route's dedup (seconds, 0 = off) and call.delivery_id.
     ]
     return [g for g in guards if g is not None]
 
@@ -115,6 +123,8 @@ class State:
         self.pool: Pool | None = None
         self.limiter: Limiter | None = None  # opened by apply(), on the running loop
         self.retired_limiters: list[Limiter] = []
+        self.dedup_store: DedupStore | None = None  # opened by apply(), like the limiter
+        self.retired_dedup_stores: list[DedupStore] = []
         self.in_flight = InFlight()
         self.draining = False  # set when shutdown begins: /readyz answers 503
         self.calls: set[asyncio.Task[web.StreamResponse]] = set()  # handlers in flight
@@ -144,10 +154,14 @@ class State:
         backend = settings.sidecar.rate_limit.backend
         if limiter is None or limiter.backend != backend:
             limiter = open_limiter(backend)
+        store = self.dedup_store
+        dedup_config = settings.sidecar.dedup
+        if store is None or store.backend != dedup_config.backend:
+            store = open_dedup_store(dedup_config.backend, dedup_config.max_entries)
         try:
-            guards = tuple(pipeline(settings, self, limiter))
+            guards = tuple(pipeline(settings, self, limiter, store))
             routes = {
-                path: (r, tuple(route_pipeline(settings, r, self, limiter)))
+                path: (r, tuple(route_pipeline(settings, r, self, limiter, store)))
                 for path, r in settings.webhooks.routes.items()
             }
             forward = make_forwarder(settings, pool, old.forward if old is not None else None)
@@ -166,6 +180,12 @@ class State:
             if self.limiter is not None:  # calls in flight may still use it: closed at exit
                 self.retired_limiters.append(self.limiter)
             self.limiter = limiter
+        if store is not self.dedup_store:
+            if self.dedup_store is not None:  # calls in flight may still finish on it
+                self.retired_dedup_stores.append(self.dedup_store)
+            self.dedup_store = store
+        elif isinstance(store, MemoryDedupStore):  # kept, with its ids: only the bound moves
+            store.max_entries = dedup_config.max_entries
         self.metrics.configure(settings)
         secrets = [*settings.webhooks.secrets]
         secrets += [s for r in settings.webhooks.routes.values() for s in r.secrets]
@@ -182,13 +202,16 @@ class State:
         if self.pool is not None:
             self.pool.close()
 
-    async def close_limiters(self) -> None:
-        limiters, self.retired_limiters = self.retired_limiters, []
-        if self.limiter is not None:
-            limiters.append(self.limiter)
-            self.limiter = None
-        for limiter in limiters:
-            await limiter.aclose()
+    async def close_backends(self) -> None:
+        """Close the limiters and dedup stores, current and retired (at exit)."""
+        backends: list[Limiter | DedupStore | None] = [
+            *self.retired_limiters, *self.retired_dedup_stores, self.limiter, self.dedup_store
+        ]  # fmt: skip
+        self.retired_limiters, self.retired_dedup_stores = [], []
+        self.limiter = self.dedup_store = None
+        for backend in backends:
+            if backend is not None:
+                await backend.aclose()
 
 
 def _endpoint(settings: Settings) -> tuple[object, ...]:
@@ -249,6 +272,8 @@ async def handle(state: State, request: web.BaseRequest) -> web.StreamResponse:
         # handler_cancellation is off: only the drain deadline (Server.stop) cancels a call.
         cut = _CUT_OFF_FORWARDING if forwarding else _CUT_OFF
         _finish(state, call, cut.status, cut.code)
+        if call.claim is not None:
+            call.claim.abandon()
         raise
     except Exception:
         log.exception("internal error", extra={"requestId": call.request_id})
@@ -261,6 +286,10 @@ async def handle(state: State, request: web.BaseRequest) -> web.StreamResponse:
         if call.finalizers:
             for done in call.finalizers:
                 done()
+    if call.claim is not None:  # the one place a held dedup id is remembered or forgotten
+        pending = call.claim.finish(response.status == 200)
+        if pending is not None:
+            await pending
     return response
 
 
@@ -308,10 +337,11 @@ async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
     state.close()
 
 
-async def _limiter(app: web.Application) -> AsyncIterator[None]:
-    """The limiter (a Redis connection pool) is closed on the loop it ran on."""
+async def _backends(app: web.Application) -> AsyncIterator[None]:
+    """The limiter and the dedup store (Redis connection pools) are closed on the loop
+    they ran on."""
     yield
-    await app[STATE].close_limiters()
+    await app[STATE].close_backends()
 
 
 def create_app(state: State) -> web.Application:
@@ -321,7 +351,7 @@ def create_app(state: State) -> web.Application:
     app = web.Application()
     app[STATE] = state
     app.cleanup_ctx.append(_upstream_pool)
-    app.cleanup_ctx.append(_limiter)
+    app.cleanup_ctx.append(_backends)
     return app
 
 

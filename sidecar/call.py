@@ -12,7 +12,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -23,6 +23,16 @@ if TYPE_CHECKING:
     from .settings import Agent, IPAddress, Settings
 
 Guard = Callable[["Call"], Awaitable[None] | None]
+
+
+class Claimed(Protocol):
+    """A delivery id the call holds (guards/dedup.py): ``app.handle`` finishes it once
+    the answer is known, or abandons it when the call is cut off."""
+
+    def finish(self, answered_ok: bool) -> Awaitable[None] | None: ...
+
+    def abandon(self) -> None: ...
+
 
 # The hooks, by their exact decoded path (docs/http-api.md): nothing else routes.
 ENDPOINTS = {"/hooks/wake": "wake", "/hooks/agent": "agent"}
@@ -43,6 +53,7 @@ class Call:
         "agent",
         "audit_extra",
         "body",
+        "claim",
         "client_addr",
         "client_ip",
         "delivery_id",
@@ -93,6 +104,7 @@ class Call:
         # Sent upstream as Idempotency-Key when set: the client's own key, or a route's
         # "<route>:<delivery id>" (docs/upstream.md).
         self.idempotency_key: str | None = None
+        self.claim: Claimed | None = None  # the dedup id this call holds (docs/dedup.md)
         # Audit keys beyond the fixed ones (docs/audit-log.md), e.g. route, deliveryId.
         self.audit_extra: dict[str, object] | None = None
 

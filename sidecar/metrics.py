@@ -44,10 +44,11 @@ ERROR_CODES = (
     "invalid_request", "agent_not_found", "agent_not_permitted", "session_key_not_allowed",
     "upstream_error", "upstream_unavailable", "upstream_timeout", "internal_error",
     "signature_invalid", "signature_expired", "template_error",
+    "duplicate_in_flight", "dedup_unavailable",
 )  # fmt: skip
 # Every status the public API answers with (docs/http-api.md). Upstream statuses are mapped
 # to 502/503/504 by the forwarder, so none of them can reach this label directly.
-STATUSES = (200, 400, 401, 403, 404, 405, 408, 413, 415, 422, 429, 500, 502, 503, 504)
+STATUSES = (200, 400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 429, 500, 502, 503, 504)
 OTHER_STATUS = "other"
 RELOAD_RESULTS = ("success", "error")
 # Buckets around what a webhook costs: sub-millisecond refusals to multi-second agent admits.
@@ -226,6 +227,11 @@ class Metrics:
             p + "route_ignored_total", "Route deliveries answered without forwarding because "
             "the route's `when` was false.", ("route",), (), r,
         )  # fmt: skip
+        # By route name; the seed endpoints count as "wake"/"agent", never a route's name.
+        self.duplicates = Counts(
+            p + "duplicates_total", "Deliveries answered as duplicates (docs/dedup.md).",
+            ("route",), [("wake",), ("agent",)], r,
+        )  # fmt: skip
         # The hot path reads these directly: one dict lookup per update.
         self._requests = self.requests.values
         self._status = {s: str(s) for s in STATUSES}
@@ -282,6 +288,12 @@ class Metrics:
         values[key] = values.get(key, 0.0) + 1
         if ignored:
             self.route_ignored.values[(route,)] = self.route_ignored.values.get((route,), 0.0) + 1
+
+    def duplicate(self, route: str) -> None:
+        """A delivery answered as a duplicate (done, or in flight) on ``route``."""
+        values = self.duplicates.values
+        key = (route,)
+        values[key] = values.get(key, 0.0) + 1
 
     def observe_upstream(self, endpoint: str, seconds: float) -> None:
         self._upstream[endpoint].observe(seconds)

@@ -136,6 +136,14 @@ class Log:
 
 
 @dataclass(frozen=True, slots=True)
+class Dedup:
+    """Where delivery ids and Idempotency-Keys are remembered (docs/dedup.md)."""
+
+    backend: str = "memory"  # "memory", "sqlite" (the spool's database) or a redis:// URL
+    max_entries: int = 100_000  # the memory backend's bound: oldest first out
+
+
+@dataclass(frozen=True, slots=True)
 class Sidecar:
     listen: Listen
     admin_listen: Listen
@@ -150,6 +158,7 @@ class Sidecar:
     shutdown_timeout: float = 15.0
     log: Log = field(default_factory=Log)
     workers: int = 1  # processes serving the public port (docs/lifecycle.md)
+    dedup: Dedup = field(default_factory=Dedup)
 
 
 @dataclass(frozen=True, slots=True)

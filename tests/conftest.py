@@ -21,6 +21,7 @@ from support.common import (
     write_config,
 )
 from support.openclaw import install as openclaw_install
+from support.redis_server import RedisServer, running_redis_server
 
 from sidecar import config
 from sidecar.app import State, create_app
@@ -89,3 +90,10 @@ def sidecar_process() -> Iterator[Callable[..., SidecarProcess]]:
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server for one test (tests/support/redis_server.py)."""
+    with running_redis_server() as server:
+        yield server

@@ -165,6 +165,7 @@ def test_dashboard_references_only_exported_metrics(live: dict[str, set[str]]) -
         "requests_total", "request_duration_seconds_bucket", "upstream_duration_seconds_bucket",
         "rejections_total", "auth_success_total", "secret_not_after_timestamp_seconds",
         "tls_cert_not_after_timestamp_seconds", "config_reloads_total", "in_flight_requests",
+        "duplicates_total",
     ):  # fmt: skip
         assert "webhook_sidecar_" + metric in used, metric
 

@@ -43,6 +43,7 @@ SPEC_METRICS = {
     # docs/routes.md
     P + "route_requests": ("counter", {"route", "code"}),
     P + "route_ignored": ("counter", {"route"}),
+    P + "duplicates": ("counter", {"route"}),  # docs/dedup.md
 }
 # docs/http-api.md: the status each error code is answered with.
 SPEC_STATUS = {
@@ -52,7 +53,7 @@ SPEC_STATUS = {
     "unsupported_media_type": 415, "invalid_json": 400, "invalid_request": 400,
     "agent_not_found": 404, "agent_not_permitted": 403, "session_key_not_allowed": 403,
     "upstream_error": 502, "upstream_unavailable": 503, "upstream_timeout": 504,
-    "internal_error": 500,
+    "internal_error": 500, "duplicate_in_flight": 409, "dedup_unavailable": 503,
     # docs/routes.md
     "signature_invalid": 401, "signature_expired": 401, "template_error": 422,
 }  # fmt: skip

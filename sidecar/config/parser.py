@@ -35,6 +35,7 @@ from ..settings import (
     SECRET_ID,
     SESSION_KEY,
     Agent,
+    Dedup,
     IPNetwork,
     Limits,
     Listen,
@@ -468,6 +469,7 @@ class _Builder:
         )
         shutdown = self.field(p, doc, "shutdownTimeout", parse_duration, 15.0)
         workers = self.field(p, doc, "workers", _workers, 1)
+        dedup = self.dedup(doc.get("dedup", {}), has_spool="spool" in doc)
         log_doc = self.obj("sidecar.log", doc.get("log", {}), ["level", "format"]) or {}
         log = Log(
             self.field(
@@ -486,6 +488,7 @@ class _Builder:
             or rate is None
             or lockout is None
             or limits is None
+            or dedup is None
         ):
             return None
         return Sidecar(
@@ -502,6 +505,7 @@ class _Builder:
             shutdown,
             log,
             workers,
+            dedup=dedup,
         )
 
     def tls(self, value: object) -> Tls | None:
@@ -574,6 +578,17 @@ class _Builder:
         fail_open = self.field(p, doc, "failOpen", _bool, False)
         return RateLimits(per_ip, glob, backend, fail_open)
 
+    def dedup(self, value: object, *, has_spool: bool) -> Dedup | None:
+        p = "sidecar.dedup"
+        doc = self.obj(p, value, ["backend", "maxEntries"])
+        if doc is None:
+            return None
+        backend = self.field(p, doc, "backend", _dedup_backend, "memory")
+        if backend == "sqlite" and not has_spool:  # the ids live in the spool's database
+            self.bad(f"{p}.backend", "'sqlite' needs sidecar.spool")
+        max_entries = self.field(p, doc, "maxEntries", _int_between(1, 100_000_000), 100_000)
+        return Dedup(backend or "memory", max_entries)
+
     def lockout(self, value: object) -> Lockout | None:
         p = "sidecar.authLockout"
         doc = self.obj(p, value, ["maxFailures", "window", "duration"])
@@ -630,6 +645,7 @@ _SIDECAR_KEYS = [
     "shutdownTimeout",
     "log",
     "workers",
+    "dedup",
 ]
 _AGENT_KEYS = [
     "sessionKey",
@@ -816,3 +832,12 @@ def _backend(value: object) -> str:
             raise ValueError("must be redis://host:port/db")
         return value
     raise ValueError("must be 'memory' or a redis://host:port/db URL")
+
+
+def _dedup_backend(value: object) -> str:
+    if value == "sqlite":
+        return "sqlite"
+    try:
+        return _backend(value)
+    except ValueError:
+        raise ValueError("must be 'memory', 'sqlite' or a redis://host:port/db URL") from None

@@ -150,6 +150,12 @@ def _worker_warnings(settings: Settings) -> list[str]:
             f"webhooks.agents.*.maxConcurrent: counted per worker; with {n} workers up to "
             f"{n}x the configured calls may be in flight"
         )
+    if s.dedup.backend == "memory":  # docs/dedup.md
+        out.append(
+            f"sidecar.dedup.backend: 'memory' keeps the delivery ids each worker has seen; with "
+            f"{n} workers a retry that reaches another worker is forwarded again "
+            "(use a redis:// backend to share them)"
+        )
     return out
 
 

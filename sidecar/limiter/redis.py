@@ -15,17 +15,8 @@ The script is sent by hash (``EVALSHA``); a Redis that does not know it (just
 restarted, ``SCRIPT FLUSH``) answers ``NOSCRIPT`` and the same call is sent once
 in full (``EVAL``, which also caches it again).
 
-A dead Redis must answer fast. A refused or reset connection fails at once (one
-immediate retry on a fresh connection: a pooled one may have died with a Redis
-restart). A silent one costs ``TIMEOUT`` — once: after a failure, requests for
-the next ``BACKOFF`` seconds are answered as unavailable without touching the
-network, and then one batch probes while the others still get that answer at
-once. When a probe succeeds, service is back, with no restart. ``TIMEOUT`` is
-a second, not milliseconds, because it also measures this process's own event
-loop lag: a CPU-throttled pod (CFS quotas stall a container for tens of
-milliseconds at a time) must not turn its own slowness into a Redis outage and
-fail closed. Outages are logged when they start, every ``LOG_EVERY`` seconds
-while they last (with a count), and when they end — never one line per request.
+A dead Redis is met as :mod:`sidecar.store.redis_client` says: fail fast, back
+off, log an outage when it starts and ends, never per request.
 """
 
 from __future__ import annotations
@@ -33,26 +24,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
+from ..store.redis_client import RedisBackend, describe
 from .base import Check, Decision, Limiter, LimiterUnavailable
+
+__all__ = ["KEY_PREFIX", "SCRIPT", "SCRIPT_SHA", "RedisLimiter", "describe"]
 
 log = logging.getLogger("sidecar.limiter")
 
 KEY_PREFIX = "whs:rl:"
-TIMEOUT = 1.0  # connect, read, and wait for a pooled connection
-MAX_CONNECTIONS = 64  # per process; batching rarely needs more than a few
-BACKOFF = 0.5
-LOG_EVERY = 30.0
 
 # KEYS: one bucket per policy. ARGV: interval and tolerance (whole microseconds)
 # of each key, in KEYS order. Returns {allowed (1/0), tat - now for each key}.
@@ -87,50 +71,24 @@ SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis nam
 _Pending = tuple[int, list[str | int], "asyncio.Future[list[int]]"]
 
 
-def describe(url: str) -> str:
-    """``host:port/db`` of a backend URL: never its password, fit for logs."""
-    parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port or 6379}/{parts.path.strip('/') or '0'}"
-
-
-class RedisLimiter(Limiter):
+class RedisLimiter(RedisBackend, Limiter):
     """Token buckets in Redis, one connection pool per process."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        prefix: str = KEY_PREFIX,
-        timeout: float = TIMEOUT,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.backend = url
-        self.where = describe(url)
-        self.prefix = prefix
-        self.clock = clock
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # Retry a broken connection once; never a timeout: that would double it.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
-        self.client = Redis.from_pool(pool)
+    PREFIX = KEY_PREFIX
+    WHAT = "rate limit"
+    COUNT = "failedDecisions"
+    logger = log
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
         self._queue: list[_Pending] = []
         self._sending: set[asyncio.Task[None]] = set()
-        self._down_since: float | None = None
-        self._retry_at = 0.0
         self._probe: asyncio.Task[None] | None = None  # the one batch testing a down Redis
-        self._failures = 0
-        self._logged_at = 0.0
 
     async def acquire(self, checks: Sequence[Check]) -> Decision:
-        if self._down_since is not None and (
-            self._probe is not None or self.clock() < self._retry_at
-        ):
-            self._failures += 1
+        outage = self._outage
+        if outage.down_since is not None and (self._probe is not None or outage.backing_off()):
+            outage.refused()
             raise LimiterUnavailable(self.where)
         args: list[str | int] = [self.prefix + key for _, key in checks]
         for policy, _ in checks:
@@ -147,7 +105,7 @@ class RedisLimiter(Limiter):
         """Send every decision asked for since the last flush, as one batch."""
         batch, self._queue = self._queue, []
         task = asyncio.ensure_future(self._send(batch))
-        if self._down_since is not None:
+        if self._outage.down_since is not None:
             self._probe = task
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
@@ -157,7 +115,7 @@ class RedisLimiter(Limiter):
         try:
             replies = await self._run(batch)
         except (RedisError, OSError) as exc:
-            self._failed(exc)
+            self._outage.failed(exc)
             replies = [LimiterUnavailable(self.where)] * len(batch)
         except asyncio.CancelledError:  # aclose() at exit: nobody may wait forever
             for _, _, future in batch:
@@ -167,8 +125,8 @@ class RedisLimiter(Limiter):
             replies = [exc] * len(batch)
         else:
             ok = not any(isinstance(reply, LimiterUnavailable) for reply in replies)
-            if ok and self._down_since is not None:
-                self._recovered()
+            if ok:
+                self._outage.recovered()
         finally:
             if self._probe is asyncio.current_task():
                 self._probe = None
@@ -207,43 +165,11 @@ class RedisLimiter(Limiter):
                 replies[i] = reply
         for i, reply in enumerate(replies):
             if isinstance(reply, RedisError):
-                self._failed(reply)
+                self._outage.failed(reply)
                 replies[i] = LimiterUnavailable(self.where)
         return replies
-
-    def _failed(self, exc: BaseException) -> None:
-        now = self.clock()
-        self._retry_at = now + BACKOFF
-        self._failures += 1
-        first = self._down_since is None
-        if first or now - self._logged_at >= LOG_EVERY:
-            if first:
-                self._down_since = now
-            log.warning(
-                "rate limit backend unreachable",
-                extra={
-                    "backend": self.where,
-                    "error": f"{type(exc).__name__}: {exc}"[:300],
-                    "failedDecisions": self._failures,
-                },
-            )
-            self._logged_at = now
-            self._failures = 0
-
-    def _recovered(self) -> None:
-        assert self._down_since is not None
-        log.info(
-            "rate limit backend reachable again",
-            extra={
-                "backend": self.where,
-                "downSeconds": round(self.clock() - self._down_since, 3),
-                "failedDecisions": self._failures,
-            },
-        )
-        self._down_since = None
-        self._failures = 0
 
     async def aclose(self) -> None:
         for task in list(self._sending):
             task.cancel()
-        await self.client.aclose()
+        await super().aclose()

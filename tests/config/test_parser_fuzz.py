@@ -490,7 +490,7 @@ async def build(loaded: Settings) -> None:
     state = State(loaded, Metrics(), AuditLog(ListWriter()))
     state.apply(loaded)
     state.close()
-    await state.close_limiters()
+    await state.close_backends()
 
 
 @settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])

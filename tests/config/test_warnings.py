@@ -250,6 +250,9 @@ def test_several_workers_warn_about_what_each_keeps_in_memory(run: Any, short_tm
         "backend for exact shared limits)",
         "webhooks.agents.*.maxConcurrent: counted per worker; with 3 workers up to 3x the "
         "configured calls may be in flight",
+        "sidecar.dedup.backend: 'memory' keeps the delivery ids each worker has seen; with 3 "
+        "workers a retry that reaches another worker is forwarded again (use a redis:// "
+        "backend to share them)",
     ]
     assert run(doc, "--strict")[0] == 2
 
@@ -257,10 +260,11 @@ def test_several_workers_warn_about_what_each_keeps_in_memory(run: Any, short_tm
 def test_several_workers_with_redis_limits_warn_only_about_the_lockout(
     run: Any, short_tmp: Path
 ) -> None:
-    limits = {"backend": "redis://127.0.0.1:6379/0", "global": {"requests": 5, "per": "1s"}}
-    assert warnings(run(tight_doc(short_tmp, workers=3, rateLimit=limits))[1]) == [
-        LOCKOUT_PER_WORKER
-    ]
+    redis = "redis://127.0.0.1:6379/0"
+    limits = {"backend": redis, "global": {"requests": 5, "per": "1s"}}
+    dedup = {"backend": redis}
+    doc = tight_doc(short_tmp, workers=3, rateLimit=limits, dedup=dedup)
+    assert warnings(run(doc)[1]) == [LOCKOUT_PER_WORKER]
     assert warnings(run(tight_doc(short_tmp, workers=1, rateLimit=limits))[1]) == []
 
 

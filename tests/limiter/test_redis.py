@@ -8,14 +8,14 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.clients import post, until
 from support.common import AGENT, Runtime, Sidecar, base_doc, free_port, write_config
-from support.redis_server import RedisServer, running_redis_server
+from support.redis_server import RedisServer
 
 from sidecar.limiter import LimiterUnavailable, MemoryLimiter, Policy, open_limiter
 from sidecar.limiter.redis import KEY_PREFIX, SCRIPT_SHA, RedisLimiter, describe
@@ -24,12 +24,6 @@ from sidecar.settings import RateLimit
 IP = Policy("ip", RateLimit(requests=2, per=3600.0, burst=2))
 GLOBAL = Policy("global", RateLimit(requests=3, per=3600.0, burst=3))
 AGENT_BODY = {"agent": AGENT, "message": "Deployed v1.2.3"}
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    with running_redis_server() as server:
-        yield server
 
 
 @pytest.fixture

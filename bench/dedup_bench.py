@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""What delivery-id dedup adds to a call (docs/dedup.md): throughput side by side.
+
+Two sidecars pinned to the server core, in front of bench/runtime.py (pinned
+there too): one with the default ``memory`` dedup backend, one with a private
+redis-server (also on the server core) as its backend. wrk on the client core
+sends the small agent call, in alternation for ``--rounds`` rounds:
+
+- ``memory-nokey``: no Idempotency-Key: the dedup guard returns at once (the
+  baseline);
+- ``memory-key``: a fresh Idempotency-Key on every call (bench/wrk/dedup.lua):
+  each is claimed, forwarded and remembered in the memory store;
+- ``redis-key``: the same against the Redis backend (two round trips a call:
+  the claim script, then SET done).
+
+- ``baseline-key`` (with ``--baseline-src``): the keyed calls against a checkout
+  without dedup, e.g. main before it landed.
+
+The ratios are ``memory-key`` and ``redis-key`` over ``memory-nokey`` (and over
+``baseline-key``), paired by round, medians printed; throughput, and the
+sidecar's CPU time per request, which other load on a shared machine disturbs
+less. A keyed call also has its header validated by the body guard and
+forwarded upstream, so the ratio over ``memory-nokey`` bounds the dedup cost
+from above; the one over ``baseline-key`` is dedup alone. The target (issue
+15): memory-key >= 0.95 x the same call without dedup.
+
+    python bench/dedup_bench.py                  # 3 rounds x 8 s
+    python bench/dedup_bench.py --rounds 3 --duration 5 --baseline-src /path/to/main
+
+Needs wrk, taskset, redis-server; Linux. Reuses bench/run.py's harness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import configs  # noqa: E402
+import run  # noqa: E402
+
+
+def wrk(
+    h: run.Harness, args: argparse.Namespace, target: run.Target, keyed: bool, tag: str
+) -> tuple[float, float]:
+    """One wrk run: requests per second, and the sidecar's CPU microseconds per request
+    (less sensitive than throughput to other load on a shared machine). Every answer
+    must be 200."""
+    lua = BENCH / "wrk" / ("dedup.lua" if keyed else "post.lua")
+    argv = [
+        args.wrk, "-t1", "-c", str(args.connections), "-d", f"{args.duration}s",
+        "--timeout", "5s", "-s", str(lua), f"http://127.0.0.1:{target.port}{configs.PATH}",
+        "--", args.secret, "200", configs.BODY,
+    ]  # fmt: skip
+    os.environ["WRK_POST_LUA"] = str(BENCH / "wrk" / "post.lua")
+    os.environ["DEDUP_PREFIX"] = tag  # spawn() passes the environment on
+    pids = target.pids()
+    ticks = run.cpu_ticks(pids)
+    _, out = h.run_client("wrk", argv, args.client_cpu, timeout=args.duration + 30)
+    line = next((ln for ln in out.decode().splitlines() if ln.startswith("BENCH_RESULT ")), None)
+    cpu_s = (run.cpu_ticks(pids) - ticks) / run.CLK_TCK
+    if line is None:
+        raise RuntimeError(f"wrk printed no result: {out[-500:]!r}")
+    result: dict[str, Any] = json.loads(line[len("BENCH_RESULT ") :])
+    if result["unexpected"] or not result["requests"]:
+        raise RuntimeError(f"not every answer was 200: {result['statuses']}")
+    rps = result["requests"] / (result["duration_us"] / 1e6)
+    return rps, cpu_s * 1e6 / result["requests"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--server-cpu", default="0")
+    ap.add_argument("--client-cpu", type=int, default=1)
+    ap.add_argument("--sidecar-src", help="checkout to run (default: this one)")
+    ap.add_argument("--sidecar-cmd", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--baseline-src",
+        help="a checkout without dedup (e.g. main before it): adds baseline-key, the same "
+        "keyed calls without the dedup code, and the ratios against it",
+    )
+    ap.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")
+    ap.add_argument("--json", metavar="FILE", help="write every run and the ratios as JSON")
+    args = ap.parse_args()
+    args.secret = secrets.token_hex(32)
+    h = run.Harness(keep_tmp=False)
+    ports: set[int] = set()
+    try:
+        cmd, env, how = run.resolve_sidecar(args, h.tmp)
+        if cmd is None:
+            raise RuntimeError(f"cannot start the sidecar: {how}")
+        run.start_runtime(h, args, ports)
+        redis_url = run.start_redis(h, args, ports)
+
+        def config(backend: str | None) -> Any:
+            def make(**where: str) -> dict[str, Any]:
+                doc = configs.sidecar_config(secret=args.secret, variant="sidecar", **where)
+                if backend is not None:
+                    doc["sidecar"]["dedup"] = {"backend": backend}
+                return doc
+
+            return make
+
+        memory = run.start_sidecar(h, args, ports, "dedup-memory", cmd, env, config("memory"))
+        redis = run.start_sidecar(h, args, ports, "dedup-redis", cmd, env, config(redis_url))
+        # name -> (target, keyed)
+        scenarios = {
+            "memory-nokey": (memory, False),
+            "memory-key": (memory, True),
+            "redis-key": (redis, True),
+        }
+        if args.baseline_src:
+            where = argparse.Namespace(sidecar_cmd=None, sidecar_src=args.baseline_src)
+            bcmd, benv, how = run.resolve_sidecar(where, h.tmp)
+            if bcmd is None:
+                raise RuntimeError(f"cannot start the baseline: {how}")
+            baseline = run.start_sidecar(h, args, ports, "baseline", bcmd, benv, config(None))
+            scenarios["baseline-key"] = (baseline, True)
+        names = list(scenarios)
+        runs: dict[str, list[float]] = {s: [] for s in names}
+        cpu: dict[str, list[float]] = {s: [] for s in names}
+        for rnd in range(args.rounds):
+            shift = rnd % len(names)
+            for name in names[shift:] + names[:shift]:  # rotate: no fixed first
+                target, keyed = scenarios[name]
+                rps, us = wrk(h, args, target, keyed, f"r{rnd}{name}")
+                runs[name].append(rps)
+                cpu[name].append(us)
+                run.log(f"round {rnd + 1} {name:13} {rps:10,.0f} req/s {us:8.1f} us CPU/req")
+
+        def paired(series: dict[str, list[float]], num: str, den: str) -> float:
+            pairs = zip(series[num], series[den], strict=True)
+            return statistics.median(n / d for n, d in pairs)
+
+        run.log("")
+        for name in names:
+            run.log(
+                f"{name:13} median {statistics.median(runs[name]):10,.0f} req/s"
+                f" {statistics.median(cpu[name]):8.1f} us CPU/req"
+            )
+        ratios: dict[str, dict[str, float]] = {}
+        dens = ["memory-nokey"] + (["baseline-key"] if "baseline-key" in names else [])
+        for den in dens:
+            for num in ("memory-key", "redis-key"):
+                pair = f"{num} / {den}"
+                ratios[pair] = {"throughput": paired(runs, num, den), "cpu": paired(cpu, num, den)}
+                run.log(
+                    f"{pair:28} throughput {ratios[pair]['throughput']:.3f},"
+                    f" sidecar CPU per request {ratios[pair]['cpu']:.3f}"
+                )
+        run.log("target (issue 15): memory-key throughput >= 0.95 x the same call without dedup")
+        if args.json:
+            out = {"runs": runs, "cpu_us": cpu, "ratios": ratios}
+            Path(args.json).write_text(json.dumps(out, indent=2))
+        return 0
+    finally:
+        h.stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

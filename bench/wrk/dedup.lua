@@ -1,0 +1,26 @@
+-- wrk script for bench/dedup_bench.py: bench/wrk/post.lua (same arguments, same
+-- BENCH_RESULT line), plus a fresh Idempotency-Key on every request, so every call
+-- is a new delivery: claimed, forwarded, remembered. The keys are
+-- "$DEDUP_PREFIX-<thread>-<n>": the harness gives each run its own prefix.
+--
+--   DEDUP_PREFIX=run1 WRK_POST_LUA=bench/wrk/post.lua wrk ... -s bench/wrk/dedup.lua URL -- ...
+
+dofile(os.getenv("WRK_POST_LUA"))
+
+local post_setup = setup
+local next_thread = 0
+
+function setup(thread)
+   next_thread = next_thread + 1
+   thread:set("thread_id", next_thread)
+   post_setup(thread)
+end
+
+local counter = 0
+local prefix = (os.getenv("DEDUP_PREFIX") or "dedup") .. "-"
+
+function request()
+   counter = counter + 1
+   wrk.headers["Idempotency-Key"] = prefix .. (thread_id or 0) .. "-" .. counter
+   return wrk.format()
+end

@@ -1,0 +1,168 @@
+"""Delivery-id dedup (docs/dedup.md): a retried delivery is answered, not forwarded twice.
+
+Which calls are deduplicated, and under which key:
+
+- a route's call (``call.route`` set) with a delivery id, when the route's
+  ``dedup`` time is above zero: ``route:<route>:<delivery id>``, remembered for
+  the route's ``dedup`` time;
+- a call to ``/hooks/wake`` or ``/hooks/agent`` with an ``Idempotency-Key``:
+  ``hook:<secret id>:<endpoint>:<key>``, remembered for :data:`HOOK_TTL`. Per
+  secret id, so two clients (two secrets) never answer each other's keys, and per
+  endpoint, so a wake and an agent call that happen to share a key stay two calls.
+  The key forwarded upstream stays the client's own.
+
+The claim's answer: new -> the call goes on and holds the id (:class:`Held`);
+in flight -> 409 ``duplicate_in_flight`` with ``Retry-After: 1``; done -> 200
+``{"duplicate": true}``, not forwarded; backend down -> 503
+``dedup_unavailable`` (fail closed: never forwarded unchecked).
+
+:meth:`Held.finish` runs once, in ``app.handle``, when the answer is known: a 200
+(forwarded, or answered such as ``ignored``) remembers the id; anything else (a
+429 from the agent's limit, an upstream failure, a shutdown cut-off) forgets it,
+so the sender's retry goes through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import NoReturn
+
+from ..call import Answer, Call, Guard, Reject
+from ..metrics import Metrics
+from ..settings import Settings
+from ..store import Claim, DedupStore, DedupUnavailable, MemoryDedupStore
+
+log = logging.getLogger("sidecar.dedup")
+
+HOOK_TTL = 24 * 3600.0  # how long /hooks/wake and /hooks/agent remember an Idempotency-Key
+# An unfinished claim blocks retries for at most the upstream timeout plus this: the
+# call either ends by then, or its process died and the id must not stay blocked.
+IN_FLIGHT_MARGIN = 5.0
+RETRY_AFTER_IN_FLIGHT = "1"
+RETRY_AFTER_UNAVAILABLE = "5"
+
+_releasing: set[asyncio.Task[None]] = set()  # releases of cut-off calls, kept alive
+
+
+def route_dedup_seconds(settings: Settings, route: str) -> float:
+    """The route's ``dedup`` time in seconds (0: off, or no such route)."""
+    config = settings.webhooks.routes.get(f"/hooks/{route}")
+    return 0.0 if config is None else config.dedup
+
+
+class Held:
+    """An id this call claimed: remembered or forgotten once the call's answer is known."""
+
+    __slots__ = ("key", "store", "ttl")
+
+    def __init__(self, store: DedupStore, key: str, ttl: float) -> None:
+        self.store = store
+        self.key = key
+        self.ttl = ttl
+
+    def finish(self, answered_ok: bool) -> Awaitable[None] | None:
+        """Remember the id (a 200) or forget it (anything else)."""
+        return self._finish(answered_ok)
+
+    async def _finish(self, answered_ok: bool) -> None:
+        # A backend that fails now is not the caller's problem: the answer is given.
+        # An id not remembered lets one retry through; one not forgotten blocks
+        # retries until its in-flight time runs out.
+        try:
+            if answered_ok:
+                await self.store.complete(self.key, self.ttl)
+            else:
+                await self.store.release(self.key)
+        except DedupUnavailable:
+            pass  # the store logged the outage
+
+    def abandon(self) -> None:
+        """The call was cancelled (shutdown cut-off): forget the id in the background."""
+        task = asyncio.ensure_future(self._finish(False))
+        _releasing.add(task)
+        task.add_done_callback(_releasing.discard)
+
+
+class HeldInMemory:
+    """:class:`Held` for the memory store, which answers at once: no coroutine, no
+    task (the default backend's hot path)."""
+
+    __slots__ = ("key", "store", "ttl")
+
+    def __init__(self, store: MemoryDedupStore, key: str, ttl: float) -> None:
+        self.store = store
+        self.key = key
+        self.ttl = ttl
+
+    def finish(self, answered_ok: bool) -> None:
+        if answered_ok:
+            self.store.complete_now(self.key, self.ttl)
+        else:
+            self.store.release_now(self.key)
+
+    def abandon(self) -> None:
+        self.finish(False)
+
+
+def dedup(settings: Settings, store: DedupStore, metrics: Metrics) -> Guard:
+    """Claim the call's delivery id or Idempotency-Key in ``store``; see the module doc.
+
+    Calls with neither pay one attribute test and no coroutine.
+    """
+    in_flight_ttl = settings.sidecar.upstream.timeout + IN_FLIGHT_MARGIN
+    memory = store if isinstance(store, MemoryDedupStore) else None
+
+    def guard(call: Call) -> Awaitable[None] | None:
+        route = call.route
+        if route is not None:
+            if call.delivery_id is None:
+                return None
+            ttl = route_dedup_seconds(call.settings, route)
+            if ttl <= 0:
+                return None
+            return _claim(call, f"route:{route}:{call.delivery_id}", ttl, route)
+        key = call.idempotency_key
+        if key is None or call.secret is None:
+            return None
+        endpoint = call.endpoint
+        return _claim(call, f"hook:{call.secret.id}:{endpoint}:{key}", HOOK_TTL, endpoint)
+
+    def _claim(call: Call, key: str, ttl: float, label: str) -> Awaitable[None] | None:
+        if memory is not None:  # synchronous: no coroutine for the default backend
+            claim = memory.claim_now(key, in_flight_ttl)
+            if claim is Claim.NEW:
+                call.claim = HeldInMemory(memory, key, ttl)
+                return None
+            _duplicate(call, claim, label)  # raises
+        return _claim_shared(call, key, ttl, label)
+
+    async def _claim_shared(call: Call, key: str, ttl: float, label: str) -> None:
+        try:
+            claim = await store.claim(key, in_flight_ttl)
+        except DedupUnavailable:
+            raise Reject(
+                503,
+                "dedup_unavailable",
+                "the dedup backend is unreachable; retry later",
+                {"Retry-After": RETRY_AFTER_UNAVAILABLE},
+            ) from None
+        if claim is Claim.NEW:
+            call.claim = Held(store, key, ttl)
+            return
+        _duplicate(call, claim, label)
+
+    def _duplicate(call: Call, claim: Claim, label: str) -> NoReturn:
+        metrics.duplicate(label)
+        call.audit("duplicate", True)
+        if claim is Claim.IN_FLIGHT:
+            raise Reject(
+                409,
+                "duplicate_in_flight",
+                "this delivery is being forwarded now; retry later",
+                {"Retry-After": RETRY_AFTER_IN_FLIGHT},
+            )
+        raise Answer("duplicate", {"duplicate": True})
+
+    return guard
