@@ -92,9 +92,13 @@ async def test_a_peer_outside_allow_ips_is_closed_before_a_byte_is_read(
 ) -> None:
     doc = listening_doc(runtime.path, allowIps=["127.0.0.1/32"], limits={"headerTimeout": "30s"})
     _, port = start(sidecar_process, short_tmp, doc)
-    [(reader, writer)] = await open_idle(port, 1, ATTACKER)
-    assert await closed_within(reader, 3)  # not the 30 s header timeout: at accept
-    writer.close()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(ATTACKER, 0))
+    except ConnectionError:
+        pass  # reset before this (loaded) client even saw the connect complete: closed too
+    else:
+        assert await closed_within(reader, 3)  # not the 30 s header timeout: at accept
+        writer.close()
     # A complete, valid request from there gets no HTTP answer at all (no 403 body):
     # the connection never reached aiohttp.
     with contextlib.suppress(ConnectionError):
