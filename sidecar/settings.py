@@ -137,6 +137,7 @@ class Sidecar:
     shutdown_timeout: float = 15.0
     log: Log = field(default_factory=Log)
     workers: int = 1  # processes serving the public port (docs/lifecycle.md)
+    spool: Spool | None = None  # durable acceptance (docs/spool.md); None: direct mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,3 +163,20 @@ class Settings:
             if tls.client_ca_file is not None:
                 files.append(tls.client_ca_file)
         return tuple(dict.fromkeys(files))
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolRetry:
+    initial: float = 1.0
+    max: float = 300.0
+    give_up_after: float = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Spool:
+    """``sidecar.spool`` (docs/spool.md): absent means direct mode."""
+
+    path: Path
+    max_events: int = 100000
+    retry: SpoolRetry = field(default_factory=SpoolRetry)
+    concurrency: int = 8

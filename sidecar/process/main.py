@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .. import config, logs
+from ..spool.store import SpoolError, connect
 from .server import serve
 from .tuning import install_uvloop, tune_allocator
 from .workers import supervise
@@ -27,6 +28,12 @@ def run(path: Path) -> int:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
+    if settings.sidecar.spool is not None:
+        try:  # before any worker starts: a bad spool file is a clear exit 2, not a crash loop
+            connect(settings.sidecar.spool.path).close()
+        except SpoolError as exc:
+            print(f"spool error: {exc}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
     if settings.sidecar.workers > 1:
         return supervise(settings)
     writer, audit = logs.setup(settings.sidecar.log.level, settings.sidecar.log.format)
