@@ -286,9 +286,7 @@ async def _spool(app: web.Application) -> AsyncIterator[None]:
         assert state.runtime is not None
         return state.runtime.forward
 
-    spool = Spool(
-        lambda: state.settings, forwarder, lambda: state.draining, state.metrics.spool()
-    )
+    spool = Spool(lambda: state.settings, forwarder, lambda: state.draining, state.metrics.spool())
     state.spool = spool
     spool.start()
     yield

@@ -291,9 +291,7 @@ def counts(conn: sqlite3.Connection) -> tuple[int, int]:
 
 
 def oldest_pending(conn: sqlite3.Connection) -> float | None:
-    row = conn.execute(
-        "SELECT created FROM events WHERE state = 0 ORDER BY seq LIMIT 1"
-    ).fetchone()
+    row = conn.execute("SELECT created FROM events WHERE state = 0 ORDER BY seq LIMIT 1").fetchone()
     return None if row is None else float(row[0])
 
 
