@@ -115,7 +115,7 @@ class Deliverer:
         left = max(0.0, started + timeout - time.monotonic())
         tasks = list(self.in_flight.values())
         if tasks:
-            done, late = await asyncio.wait(tasks, timeout=left)
+            _, late = await asyncio.wait(tasks, timeout=left)
             for task in late:
                 task.cancel()
             if late:
@@ -163,7 +163,7 @@ class Deliverer:
         if replays != self.replays:  # dead letters came back (spool replay): read afresh
             self.replays = replays
             self.queues = {k: q for k, q in self.queues.items() if k in self.busy}
-            for key, queue in self.queues.items():
+            for queue in self.queues.values():
                 while len(queue) > 1:
                     queue.pop()  # keep only the event in flight
             self.loaded = sum(len(q) for q in self.queues.values())

@@ -60,8 +60,8 @@ def pending_after(seq: int, limit: int) -> Callable[[sqlite3.Connection], list[E
     """Up to ``limit`` pending events after ``seq``, in arrival order."""
 
     def op(conn: sqlite3.Connection) -> list[Event]:
-        rows = conn.execute(
-            f"SELECT {_PENDING_COLUMNS} FROM events WHERE state = 0 AND seq > ? "
+        rows = conn.execute(  # constant columns, values bound
+            f"SELECT {_PENDING_COLUMNS} FROM events WHERE state = 0 AND seq > ? "  # noqa: S608
             "ORDER BY seq LIMIT ?",
             (seq, limit),
         ).fetchall()
@@ -148,8 +148,8 @@ def listing(conn: sqlite3.Connection, dead: bool, limit: int) -> list[dict[str, 
     """Events oldest first, as ``spool list --json`` prints them; never the message text."""
     state = STATE_DEAD if dead else STATE_PENDING
     now = time.time()
-    rows = conn.execute(
-        f"SELECT {_LIST_COLUMNS} FROM events WHERE state = ? ORDER BY seq LIMIT ?",
+    rows = conn.execute(  # constant columns, values bound
+        f"SELECT {_LIST_COLUMNS} FROM events WHERE state = ? ORDER BY seq LIMIT ?",  # noqa: S608
         (state, limit),
     ).fetchall()
     return [
@@ -171,8 +171,8 @@ def listing(conn: sqlite3.Connection, dead: bool, limit: int) -> list[dict[str, 
 
 def one(conn: sqlite3.Connection, event_id: str) -> dict[str, object] | None:
     """Everything about one event, its body included (``spool show``)."""
-    row = conn.execute(
-        f"SELECT {_LIST_COLUMNS}, path, headers, body, idempotency_key, request_id, next_at "
+    row = conn.execute(  # constant columns, values bound
+        f"SELECT {_LIST_COLUMNS}, path, headers, body, idempotency_key, request_id, next_at "  # noqa: S608
         "FROM events WHERE id = ?",
         (event_id,),
     ).fetchone()

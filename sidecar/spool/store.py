@@ -17,6 +17,7 @@ blocked in WAL mode.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -238,10 +239,8 @@ class Store:
                     break
                 batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
             self._transaction(batch)
-        try:
+        with contextlib.suppress(sqlite3.Error):
             self.conn.close()
-        except sqlite3.Error:
-            pass
 
     def _transaction(self, batch: list[_Item]) -> None:
         conn = self.conn
@@ -254,24 +253,24 @@ class Store:
                     continue
                 try:
                     results.append((item, item.op(conn), None))
-                except (SpoolFull, LookupError, ValueError) as exc:  # the op's own refusal
+                except sqlite3.Error:
+                    raise  # the transaction is lost: every op of the batch fails
+                except Exception as exc:  # the op's own refusal (SpoolFull), or a bug
                     results.append((item, None, exc))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             log.error(
                 "spool write failed: %s", exc, extra={"path": str(self.path), "ops": len(batch)}
             )
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
             error = SpoolUnavailable(str(exc))
             for item in batch:
-                if not item.future.done():
-                    if item.future.running():
-                        item.future.set_exception(error)
-                    elif item.future.set_running_or_notify_cancel():
-                        item.future.set_exception(error)
+                future = item.future
+                if not future.done() and (
+                    future.running() or future.set_running_or_notify_cancel()
+                ):
+                    future.set_exception(error)
             return
         self.commits += 1
         self.committed_ops += len(results)
@@ -299,8 +298,6 @@ def file_bytes(path: Path) -> int:
     """The spool's size on disk: the database, its WAL and shared-memory files."""
     total = 0
     for suffix in ("", "-wal", "-shm"):
-        try:
+        with contextlib.suppress(OSError):
             total += os.stat(f"{path}{suffix}").st_size
-        except OSError:
-            pass
     return total

@@ -114,10 +114,7 @@ class BaseForwarder:
         """The request bytes: ``parts`` with ``Authorization: auth`` and the key added."""
         path, body, headers = parts
         auth_header = [] if auth is None else [("Authorization", auth)]
-        if self.auth_first:
-            headers = auth_header + headers
-        else:
-            headers = headers + auth_header
+        headers = auth_header + headers if self.auth_first else headers + auth_header
         return request_bytes(path, self.host, headers + idempotency_key(key), body)
 
     def build(self, call: Call) -> bytes:

@@ -18,8 +18,8 @@ from ..call import Call, Reject
 from ..settings import Settings
 from .base import (
     BaseForwarder,
-    header_value,
     Parts,
+    header_value,
     log,
     retry_after_of,
     run_id_of,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
-
 
 from support.clients import post, until
 from support.common import AGENT
@@ -120,7 +120,7 @@ async def test_backoff_grows_without_retry_after(
     await post(sidecar.url + "/hooks/wake", {"agent": AGENT})
     await until(lambda: len(recorder.calls) >= 4, timeout=15)
     times = [c["time"] for c in recorder.calls[:4]]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(g >= 0.19 for g in gaps), gaps  # never faster than retry.initial
     assert all(g <= 1.5 for g in gaps), gaps  # never slower than retry.max (and some slack)
     assert len({c["key"] for c in recorder.calls}) == 1  # one key across retries

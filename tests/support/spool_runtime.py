@@ -31,11 +31,14 @@ class RecordingRuntime:
         self.retry_after: str | None = None
         self.runner: web.AppRunner | None = None
         self._flip = False
+        self._release = asyncio.Event()  # ends every stall (at stop)
 
     async def start(self) -> None:
+        self._release = asyncio.Event()
         self.runner = await serve_unix(self.path, self._handle)
 
     async def stop(self) -> None:
+        self._release.set()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -53,7 +56,8 @@ class RecordingRuntime:
         self.calls.append(call)
         status = self.status
         if self.mode == "stall":
-            await asyncio.sleep(3600)
+            await self._release.wait()
+            return web.json_response({"error": "stalled"}, status=503)
         if self.mode == "flap":
             self._flip = not self._flip
             status = 503 if self._flip else 200
