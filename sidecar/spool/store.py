@@ -264,6 +264,10 @@ class Store:
             )
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            # A full disk: fold the WAL into the database and cut it to zero, so space the
+            # deliveries free (deleted events) can be written again.
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             error = SpoolUnavailable(str(exc))
             for item in batch:
                 future = item.future

@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +83,17 @@ def spool_doc(folder: Path, **spool: Any) -> dict[str, Any]:
 class SpoolSidecar(SidecarProcess):
     """A real ``webhook-sidecar run`` with a spool, and what the tests ask of it."""
 
-    def __init__(self, folder: Path, doc: dict[str, Any], env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        doc: dict[str, Any],
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ):
         self.doc = doc
         self.folder = folder
         admin = int(doc["sidecar"]["admin"]["listen"].rsplit(":", 1)[1])
-        super().__init__(write_config(folder, doc), admin, env)
+        super().__init__(write_config(folder, doc), admin, env, preexec_fn)
 
     @property
     def url(self) -> str:
