@@ -59,7 +59,19 @@ class Readiness:
             if self._probe is None:  # the first caller probes; the others wait for it
                 self._probe = asyncio.ensure_future(self._check())
             await asyncio.shield(self._probe)
+        spool = state.spool
+        if spool is not None:  # the runtime may be down: the spool still accepts
+            spool_state = spool.readiness()["state"]
+            return None if spool_state == "ok" else f"spool {spool_state}"
         return self._upstream_problem
+
+    def details(self) -> dict[str, object]:
+        """With a spool, how the runtime and the spool are (docs/spool.md)."""
+        spool = self.state.spool
+        if spool is None:
+            return {}
+        runtime = "ok" if self._upstream_problem is None else self._upstream_problem
+        return {"runtime": runtime, "spool": spool.readiness()}
 
     async def _check(self) -> None:
         runtime = self.state.runtime
@@ -87,10 +99,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    problem = await request.app[READINESS].problem()
+    readiness = request.app[READINESS]
+    problem = await readiness.problem()
     if problem is not None:
-        return web.json_response({"status": "unavailable", "reason": problem}, status=503)
-    return web.json_response({"status": "ok"})
+        body = {"status": "unavailable", "reason": problem, **readiness.details()}
+        return web.json_response(body, status=503)
+    return web.json_response({"status": "ok", **readiness.details()})
 
 
 # Set by the supervisor (sidecar.workers > 1) when it passes an unlock on to its workers:

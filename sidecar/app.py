@@ -35,6 +35,7 @@ from .responses import INTERNAL_ERROR, answer_response, error_response, ok_respo
 from .routes import guards as signed
 from .routes import profile_for
 from .settings import Route, Settings
+from .spool.service import Spool
 from .store import DedupStore, MemoryDedupStore, open_dedup_store
 from .upstream import make_forwarder, make_pool
 from .upstream.base import BaseForwarder
@@ -132,6 +133,7 @@ class State:
         self.secret_texts: frozenset[str] = frozenset()  # to keep them out of request ids
         self._initial = settings
         self.runtime: Runtime | None = None
+        self.spool: Spool | None = None  # durable acceptance (docs/spool.md), opened at start
 
     @property
     def settings(self) -> Settings:
@@ -256,12 +258,18 @@ async def handle(state: State, request: web.BaseRequest) -> web.StreamResponse:
             if pending is not None:
                 await pending
         forwarding = True
-        started = time.perf_counter()
-        try:
-            run_id = await runtime.forward(call)
-        finally:
-            metrics.observe_upstream(call.endpoint, time.perf_counter() - started)
-        response = ok_response(call.session, call.request_id, run_id, call.response_headers)
+        if state.spool is not None:  # answered once on disk, delivered later (docs/spool.md)
+            event_id = await state.spool.accept(call, runtime.forward)
+            response = ok_response(
+                call.session, call.request_id, None, call.response_headers, event_id
+            )
+        else:
+            started = time.perf_counter()
+            try:
+                run_id = await runtime.forward(call)
+            finally:
+                metrics.observe_upstream(call.endpoint, time.perf_counter() - started)
+            response = ok_response(call.session, call.request_id, run_id, call.response_headers)
     except Reject as reject:
         response = error_response(reject, call.request_id)
         _finish(state, call, reject.status, reject.code)
@@ -344,6 +352,26 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
     await app[STATE].close_backends()
 
 
+async def _spool(app: web.Application) -> AsyncIterator[None]:
+    """Open the spool (when configured) and run its delivery loop; on shutdown, let
+    deliveries in flight finish within ``shutdownTimeout`` and close the file."""
+    state = app[STATE]
+    settings = state.settings
+    if settings.sidecar.spool is None:
+        yield
+        return
+
+    def forwarder() -> BaseForwarder:
+        assert state.runtime is not None
+        return state.runtime.forward
+
+    spool = Spool(lambda: state.settings, forwarder, lambda: state.draining, state.metrics.spool())
+    state.spool = spool
+    spool.start()
+    yield
+    await spool.stop(state.settings.sidecar.shutdown_timeout)
+
+
 def create_app(state: State) -> web.Application:
     """The public listener's app: its lifecycle (``cleanup_ctx``) and state. It has no
     routes: :class:`PublicRunner` serves every request with one handler, because
@@ -352,6 +380,7 @@ def create_app(state: State) -> web.Application:
     app[STATE] = state
     app.cleanup_ctx.append(_upstream_pool)
     app.cleanup_ctx.append(_backends)
+    app.cleanup_ctx.append(_spool)
     return app
 
 

@@ -132,6 +132,12 @@ def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return run(args.port)
 
 
+def cmd_spool(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .spool.cli import run
+
+    return run(args, _config_path(args, parser))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="webhook-sidecar",
@@ -164,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="public port (default 8080)")
     p = add("dev-runtime", "run the reference runtime alone on a Unix socket", cmd_dev_runtime)
     p.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    from .spool.cli import register
+
+    register(sub, f"config file (JSON5); default: env {CONFIG_ENV}")
+    sub.choices["spool"].set_defaults(func=cmd_spool)
     # Internal, not listed: one worker process of `run` with sidecar.workers > 1.
     p = sub.add_parser("_worker")
     p.set_defaults(func=cmd_worker)

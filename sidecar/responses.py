@@ -122,12 +122,19 @@ def error_response(reject: Reject, request_id: str) -> JsonReply:
 
 
 def ok_response(
-    session: str, request_id: str, run_id: str | None, extra_headers: dict[str, str] | None
+    session: str,
+    request_id: str,
+    run_id: str | None,
+    extra_headers: dict[str, str] | None,
+    event_id: str | None = None,
 ) -> JsonReply:
     body = (
         f'{{"status": "ok", "session": {_quote(session)}, "queued": true, '
         f'"requestId": {_quote(request_id)}'
     )
+    if event_id is not None:  # spooled (docs/spool.md): on disk, not yet delivered
+        body += f', "eventId": {_quote(event_id)}'
+
     body += "}" if run_id is None else f', "runId": {_quote(run_id)}}}'
     return JsonReply(200, body.encode(), request_id, header_lines(extra_headers))
 

@@ -159,6 +159,7 @@ class Sidecar:
     log: Log = field(default_factory=Log)
     workers: int = 1  # processes serving the public port (docs/lifecycle.md)
     dedup: Dedup = field(default_factory=Dedup)
+    spool: Spool | None = None  # durable acceptance (docs/spool.md); None: direct mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,3 +218,20 @@ class Route:
     @property
     def path(self) -> str:
         return f"/hooks/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolRetry:
+    initial: float = 1.0
+    max: float = 300.0
+    give_up_after: float = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Spool:
+    """``sidecar.spool`` (docs/spool.md): absent means direct mode."""
+
+    path: Path
+    max_events: int = 100000
+    retry: SpoolRetry = field(default_factory=SpoolRetry)
+    concurrency: int = 8

@@ -45,6 +45,8 @@ from ..settings import (
     RateLimits,
     Settings,
     Sidecar,
+    Spool,
+    SpoolRetry,
     Tls,
     Upstream,
     Webhooks,
@@ -470,6 +472,7 @@ class _Builder:
         shutdown = self.field(p, doc, "shutdownTimeout", parse_duration, 15.0)
         workers = self.field(p, doc, "workers", _workers, 1)
         dedup = self.dedup(doc.get("dedup", {}), has_spool="spool" in doc)
+        spool = self.spool(doc["spool"]) if "spool" in doc else None
         log_doc = self.obj("sidecar.log", doc.get("log", {}), ["level", "format"]) or {}
         log = Log(
             self.field(
@@ -506,7 +509,31 @@ class _Builder:
             log,
             workers,
             dedup=dedup,
+            spool=spool,
         )
+
+    def spool(self, value: object) -> Spool | None:
+        """``sidecar.spool`` (docs/spool.md); the file itself is opened at start."""
+        p = "sidecar.spool"
+        doc = self.obj(p, value, ["path", "maxEvents", "retry", "concurrency"])
+        if doc is None:
+            return None
+        if not isinstance(doc.get("path"), str) or not doc["path"]:
+            self.bad(f"{p}.path", "required: the spool's SQLite file")
+            return None
+        path = self.base / doc["path"]
+        max_events = self.field(p, doc, "maxEvents", _int_between(1, 100_000_000), 100000)
+        concurrency = self.field(p, doc, "concurrency", _int_between(1, 1024), 8)
+        r = f"{p}.retry"
+        retry_doc = self.obj(r, doc.get("retry", {}), ["initial", "max", "giveUpAfter"]) or {}
+        initial = self.field(r, retry_doc, "initial", parse_duration, 1.0)
+        most = self.field(r, retry_doc, "max", parse_duration, 300.0)
+        give_up = self.field(r, retry_doc, "giveUpAfter", parse_duration, 86400.0)
+        if initial is not None and most is not None and initial > most:
+            self.bad(f"{r}.max", "must not be less than retry.initial")
+        if initial is not None and initial <= 0:
+            self.bad(f"{r}.initial", "must be more than 0")
+        return Spool(path, max_events, SpoolRetry(initial, most, give_up), concurrency)
 
     def tls(self, value: object) -> Tls | None:
         p = "sidecar.tls"
@@ -646,6 +673,7 @@ _SIDECAR_KEYS = [
     "log",
     "workers",
     "dedup",
+    "spool",
 ]
 _AGENT_KEYS = [
     "sessionKey",

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .. import config, logs
+from ..spool.store import SpoolError, connect
 from . import fdlimit
 from .fdlimit import raise_open_file_limit
 from .server import serve
@@ -35,6 +36,12 @@ def run(path: Path) -> int:
     if too_many is not None:
         print(f"config error: {too_many}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
+    if settings.sidecar.spool is not None:
+        try:  # before any worker starts: a bad spool file is a clear exit 2, not a crash loop
+            connect(settings.sidecar.spool.path).close()
+        except SpoolError as exc:
+            print(f"spool error: {exc}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
     if settings.sidecar.workers > 1:
         return supervise(settings)
     writer, audit = logs.setup(settings.sidecar.log.level, settings.sidecar.log.format)

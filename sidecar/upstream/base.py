@@ -2,10 +2,13 @@
 transport failures mapped to docs/http-api.md codes, and the small helpers for building
 requests and reading replies.
 
-A forwarder turns a validated :class:`~sidecar.call.Call` into request bytes
-(``build``), sends them through the pool (``send``) and maps the reply (``reply``)
-to a runId or a :class:`~sidecar.call.Reject`. Each protocol module
-(``forward``, ``openclaw``) supplies ``build`` and ``reply``; the transport side
+A forwarder turns a validated :class:`~sidecar.call.Call` into the parts of the
+upstream request (``parts``: path, body, headers without the upstream token or the
+``Idempotency-Key``), sends them with those two added (``exchange``) and maps the
+reply (``reply``) to a runId or a :class:`~sidecar.call.Reject`. The spool stores
+``parts`` and later calls ``exchange`` itself (docs/spool.md), so a spooled call
+reaches the runtime byte for byte as a direct one would. Each protocol module
+(``forward``, ``openclaw``) supplies ``parts`` and ``reply``; the transport side
 is the same for both: no reply within the timeout is 504, no connection is 503,
 an unparseable reply is 502.
 """
@@ -23,6 +26,8 @@ from .pool import Pool, Response, UpstreamConnectError, UpstreamProtocolError
 log = logging.getLogger("sidecar.upstream")
 
 RETRY_AFTER_UNREACHABLE = "5"
+# What the runtime receives, minus Authorization and Idempotency-Key: path, body, headers.
+Parts = tuple[str, bytes, list[tuple[str, str]]]
 UPSTREAM_TIMEOUT_MESSAGE = "the agent runtime did not answer in time"
 _MAX_RUN_ID = 256
 
@@ -74,10 +79,9 @@ def header_value(value: bytes) -> str:
     return value.decode("latin-1")
 
 
-def idempotency_key(call: Call) -> list[tuple[str, str]]:
-    """The call's ``Idempotency-Key``: the client's (validated by the body guard), or the
-    one a route made from the sender's delivery id (docs/upstream.md)."""
-    key = call.idempotency_key
+def idempotency_key(key: str | None) -> list[tuple[str, str]]:
+    """The ``Idempotency-Key`` header: the client's (validated by the body guard), the
+    one a route made from the sender's delivery id (docs/upstream.md), or the spool's."""
     return [] if key is None else [("Idempotency-Key", key)]
 
 
@@ -94,14 +98,36 @@ class BaseForwarder:
         self.timeout = upstream.timeout
         self.host = upstream.host if upstream.url else "localhost"
 
-    def build(self, call: Call) -> bytes:
+    # Where Authorization goes: before the other headers (openclaw) or after them.
+    auth_first = False
+    auth_header: str | None = None
+
+    def parts(self, call: Call) -> Parts:
+        """Path, body and headers of the upstream request, without the upstream token
+        and the Idempotency-Key (what the spool stores)."""
         raise NotImplementedError
 
     def reply(self, call: Call, response: Response) -> str | None:
         raise NotImplementedError
 
+    def request(self, parts: Parts, auth: str | None, key: str | None) -> bytes:
+        """The request bytes: ``parts`` with ``Authorization: auth`` and the key added."""
+        path, body, headers = parts
+        auth_header = [] if auth is None else [("Authorization", auth)]
+        headers = auth_header + headers if self.auth_first else headers + auth_header
+        return request_bytes(path, self.host, headers + idempotency_key(key), body)
+
+    def build(self, call: Call) -> bytes:
+        return self.request(self.parts(call), self.auth_header, call.idempotency_key)
+
+    async def exchange(self, parts: Parts, key: str | None, request_id: str) -> Response:
+        """One delivery of ``parts`` with the current upstream token; Rejects for
+        transport failures (see :meth:`send`)."""
+        return await self.send(self.request(parts, self.auth_header, key))
+
     async def __call__(self, call: Call) -> str | None:
-        return self.reply(call, await self.send(self.build(call)))
+        response = await self.exchange(self.parts(call), call.idempotency_key, call.request_id)
+        return self.reply(call, response)
 
     async def send(self, raw: bytes) -> Response:
         """One exchange with the runtime under ``upstream.timeout``, failures as Rejects."""

@@ -18,10 +18,9 @@ from ..call import Call, Reject
 from ..settings import Settings
 from .base import (
     BaseForwarder,
+    Parts,
     header_value,
-    idempotency_key,
     log,
-    request_bytes,
     retry_after_of,
     run_id_of,
     unavailable,
@@ -40,7 +39,7 @@ class Forwarder(BaseForwarder):
         # Header values are validated here once: a token with CR/LF would split headers.
         self.auth_header = None if token is None else header_value(b"Bearer " + token.value)
 
-    def build(self, call: Call) -> bytes:
+    def parts(self, call: Call) -> Parts:
         agent = call.agent
         assert agent is not None
         # Spelled out with the C string encoder: what json.dumps wrote, for a third of it.
@@ -55,12 +54,9 @@ class Forwarder(BaseForwarder):
             ("X-Forwarded-For", call.client_ip),
             ("X-Webhook-Secret-Id", call.secret.id if call.secret else ""),
         ]
-        if self.auth_header is not None:
-            headers.append(("Authorization", self.auth_header))
         if call.route is not None:
             headers.append(("X-Webhook-Route", call.route))
-        headers += idempotency_key(call)
-        return request_bytes(f"/hooks/{action}", self.host, headers, body.encode())
+        return f"/hooks/{action}", body.encode(), headers
 
     def reply(self, call: Call, response: Response) -> str | None:
         if 200 <= response.status < 300:

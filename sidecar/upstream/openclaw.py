@@ -49,8 +49,8 @@ from ..secrets import SecretSource, SecretSourceError
 from ..settings import OPENCLAW_MAX_BODY_BYTES, Settings
 from .base import (
     BaseForwarder,
+    Parts,
     header_value,
-    idempotency_key,
     json_object_of,
     request_bytes,
     retry_after_of,
@@ -86,9 +86,6 @@ _HINTS = {
     413: "the OpenClaw gateway refused the body as too large: keep sidecar.limits.maxBodyBytes "
     f"below its {OPENCLAW_MAX_BODY_BYTES} bytes",
 }
-
-
-Parts = tuple[str, bytes, list[tuple[str, str]]]  # path, body, headers but Authorization
 
 
 class LoudLog:
@@ -201,6 +198,7 @@ class OpenClawForwarder(BaseForwarder):
 
     tokens: Tokens
     loud: LoudLog
+    auth_first = True  # exactly one Authorization, first (docs/upstream.md)
 
     def __init__(
         self, settings: Settings, pool: Pool, previous: BaseForwarder | None = None
@@ -237,23 +235,20 @@ class OpenClawForwarder(BaseForwarder):
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         return f"/hooks/{action}", data, [("Content-Type", "application/json")]
 
-    def request(self, parts: Parts, token: bytes, call: Call) -> bytes:
-        path, body, headers = parts
-        auth = [("Authorization", header_value(b"Bearer " + token))]
-        return request_bytes(path, self.host, auth + headers + idempotency_key(call), body)
+    def with_token(self, parts: Parts, token: bytes, key: str | None) -> bytes:
+        return self.request(parts, header_value(b"Bearer " + token), key)
 
     def build(self, call: Call) -> bytes:
-        return self.request(self.parts(call), self.tokens.current, call)
+        return self.with_token(self.parts(call), self.tokens.current, call.idempotency_key)
 
-    async def __call__(self, call: Call) -> str | None:
-        parts = self.parts(call)
+    async def exchange(self, parts: Parts, key: str | None, request_id: str) -> Response:
         sent = self.tokens.current
-        response = await self.send(self.request(parts, sent, call))
+        response = await self.send(self.with_token(parts, sent, key))
         if response.status in TOKEN_REFUSED:
             other = await self.tokens.other_than(sent, self.loud)
             if other is not None:
                 token, origin = other
-                retry = await self.send(self.request(parts, token, call))
+                retry = await self.send(self.with_token(parts, token, key))
                 if retry.status in TOKEN_REFUSED:
                     self.tokens.refused(token)
                 else:  # authenticated: whatever it says now is about the call itself
@@ -263,10 +258,10 @@ class OpenClawForwarder(BaseForwarder):
                         f"token-switch:{origin}",
                         f"the OpenClaw gateway refused the upstream token sent; {origin} "
                         "works and is used from now on",
-                        requestId=call.request_id,
+                        requestId=request_id,
                     )
                 response = retry
-        return self.reply(call, response)
+        return response
 
     def reply(self, call: Call, response: Response) -> str | None:
         status = response.status

@@ -177,8 +177,13 @@ class SidecarProcess:
     line by line (``lines`` and ``stdout_lines``)."""
 
     def __init__(
-        self, config_path: Path, admin_port: int, env: dict[str, str] | None = None
+        self,
+        config_path: Path,
+        admin_port: int,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
+        self.preexec_fn = preexec_fn  # e.g. resource limits of the child
         self.config_path = config_path
         self.admin_port = admin_port
         self.env = {**os.environ, **(env or {})}
@@ -194,6 +199,7 @@ class SidecarProcess:
             stdout=subprocess.PIPE,
             text=True,
             env=self.env,
+            preexec_fn=self.preexec_fn,
         )
         for stream, sink in ((self.proc.stderr, self.lines), (self.proc.stdout, self.stdout_lines)):
             reader = threading.Thread(target=self._read, args=(stream, sink), daemon=True)

@@ -1,0 +1,176 @@
+"""Spool files and disks that cannot be used: a clear exit 2 naming the path at start,
+503 spool_unavailable while running, and never a 200 without the commit."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from support.clients import post, until
+from support.common import AGENT, write_config
+from support.spool_runtime import RecordingRuntime, SpoolSidecar, spool_cli, spool_doc
+
+from sidecar.spool.store import SCHEMA_VERSION
+
+
+def run_briefly(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def small_files(limit: int) -> Callable[[], None]:
+    """In the child: files may not grow past ``limit`` bytes, and a write past it fails
+    with EFBIG instead of killing the process (SIGXFSZ ignored)."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+async def test_file_size_limit_gives_spool_unavailable_never_a_200_without_commit(
+    short_tmp: Path, recorder: RecordingRuntime, sidecars: Callable[..., SpoolSidecar]
+) -> None:
+    await recorder.stop()  # nothing leaves the spool: it only grows
+    doc = spool_doc(short_tmp)
+    sidecar = sidecars(short_tmp, doc, preexec_fn=small_files(192 * 1024)).start()
+    answered: list[str] = []
+    refused = None
+    message = "x" * 2000
+    for _ in range(1000):
+        status, headers, body = await post(
+            sidecar.url + "/hooks/agent", {"agent": AGENT, "message": message}
+        )
+        if status == 200:
+            answered.append(body["eventId"])
+            continue
+        refused = (status, headers, body)
+        break
+    assert refused is not None, "the file size limit was never reached"
+    status, headers, body = refused
+    assert status == 503 and body["error"] == "spool_unavailable", body
+    assert int(headers["Retry-After"]) > 0
+    assert str(short_tmp) not in json.dumps(body)  # no paths or SQL in answers
+    assert answered, "some calls fit before the limit"
+    # Still serving: each call is answered 200 (committed) or 503, nothing else.
+    for _ in range(20):
+        status, _, body = await post(
+            sidecar.url + "/hooks/agent", {"agent": AGENT, "message": message}
+        )
+        assert status in (200, 503), body
+        if status == 200:
+            answered.append(body["eventId"])
+        else:
+            assert body["error"] == "spool_unavailable"
+    assert sidecar.proc is not None
+    sidecar.proc.kill()
+    sidecar.wait()
+    # Every call answered 200 is in the file.
+    listed = spool_cli(sidecar.config_path, "list", "--json", "--limit", "100000")
+    assert listed.returncode == 0, listed.stderr
+    on_disk = {json.loads(line)["id"] for line in listed.stdout.splitlines()}
+    assert set(answered) <= on_disk
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs at ``folder`` (read-only, or tiny: a disk that fails for real).
+    Permission bits do not stop root, a read-only file system does."""
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_read_only_file_system_is_exit_2_naming_the_path(short_tmp: Path) -> None:
+    with tmpfs(short_tmp / "ro", "ro,size=1m") as folder:
+        doc = spool_doc(short_tmp, path=str(folder / "spool.db"))
+        result = run_briefly(write_config(short_tmp, doc))
+    assert result.returncode == 2, result.stderr
+    assert str(folder / "spool.db") in result.stderr
+
+
+async def test_full_disk_gives_spool_unavailable_and_still_delivers(
+    short_tmp: Path, recorder: RecordingRuntime, sidecars: Callable[..., SpoolSidecar]
+) -> None:
+    await recorder.stop()
+    with tmpfs(short_tmp / "small", "size=256k") as folder:
+        doc = spool_doc(short_tmp, path=str(folder / "spool.db"))
+        sidecar = sidecars(short_tmp, doc).start()
+        answered: list[str] = []
+        refused = None
+        for _ in range(1000):
+            status, _, body = await post(
+                sidecar.url + "/hooks/agent", {"agent": AGENT, "message": "y" * 2000}
+            )
+            if status != 200:
+                refused = body
+                break
+            answered.append(body["eventId"])
+        assert refused is not None and refused["error"] == "spool_unavailable", refused
+        await until(lambda: sidecar.admin("/readyz")[0] == 503)
+        # The runtime comes back: every answered event is delivered from the full disk.
+        await recorder.start()
+        keys = {f"evt:{e}" for e in answered}
+        await until(lambda: keys <= {c["key"] for c in recorder.delivered}, 60)
+        assert sidecar.proc is not None
+        sidecar.proc.kill()
+        sidecar.wait()
+
+
+def _sqlite_file(path: Path, user_version: int, application_id: int, table: str) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute(f"CREATE TABLE {table} (x)")
+    conn.execute(f"PRAGMA user_version = {user_version}")
+    conn.execute(f"PRAGMA application_id = {application_id}")
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("garbage", "not a usable spool file"),
+        ("foreign", "not a webhook-sidecar spool"),
+        ("newer", "newer webhook-sidecar"),
+    ],
+)
+def test_unusable_file_is_exit_2_naming_the_path_and_left_alone(
+    short_tmp: Path, kind: str, expected: str
+) -> None:
+    path = short_tmp / "spool.db"
+    if kind == "garbage":
+        path.write_bytes(b"this is not a database, but somebody's data\n" * 100)
+    elif kind == "foreign":
+        _sqlite_file(path, 3, 0, "accounts")
+    else:
+        from sidecar.spool.store import APPLICATION_ID
+
+        _sqlite_file(path, SCHEMA_VERSION + 1, APPLICATION_ID, "events")
+    before = path.read_bytes()
+    config = write_config(short_tmp, spool_doc(short_tmp, path=str(path)))
+    result = run_briefly(config)
+    assert result.returncode == 2, result.stderr
+    assert str(path) in result.stderr and expected in result.stderr
+    assert path.read_bytes() == before  # never deleted nor rewritten
+    cli = spool_cli(config, "stats")
+    assert cli.returncode == 2 and str(path) in cli.stderr
