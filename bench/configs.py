@@ -118,7 +118,8 @@ SIDECAR_VARIANTS = {
         "defaults with sidecar.workers: 2 (use --server-cpu 0,1 to scale)"
     ),
     "sidecar-deny": _refusal(
-        "allowIps excludes 127.0.0.1: every call 403 ip_not_allowed",
+        "allowIps excludes 127.0.0.1, which is a trusted proxy (so its connections pass "
+        "the accept-time check): every call 403 ip_not_allowed",
         Expect(403, "ip_not_allowed"),
     ),
     "sidecar-locked": _refusal(
@@ -188,8 +189,11 @@ def sidecar_config(
         base["webhooks"]["agents"][AGENT]["rateLimit"] = dict(GENEROUS)
         return base
     if variant == "sidecar-deny":
-        # Any address but loopback: the first guard refuses every call.
+        # Any address but loopback: the allowlist guard refuses every call. The peer is
+        # a trusted proxy, or the connection would be closed at accept without a reply
+        # (docs/connections.md); with no X-Forwarded-For the client is the peer itself.
         sc["allowIps"] = ["10.0.0.0/8", "::1/128"]
+        sc["trustedProxies"] = ["127.0.0.1/32"]
         return base
     if variant == "sidecar-locked":
         sc["authLockout"] = {

@@ -265,6 +265,10 @@ def _good_message(message: Any) -> bool:
 # ---------------------------------------------------------------- the property
 
 
+# (secret id, hook, Idempotency-Key) answered 200, per sidecar (the fixture's id).
+ANSWERED_KEYS: dict[int, set[tuple[str, str, str]]] = {}
+
+
 @settings(
     max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -294,6 +298,18 @@ async def test_every_request_gets_the_spec_answer_and_only_valid_ones_reach_the_
         assert new_calls == [], "a refused request reached the runtime"
     else:
         assert resp.status == 200, (req, body)
+        # Dedup (docs/dedup.md): a key this secret already had answered 200 on this
+        # hook is answered as a duplicate, not forwarded. The sidecar lives across
+        # examples, so the oracle remembers what it answered.
+        keys = [k.strip(" \t") for k in req.idempotency]
+        seen = ANSWERED_KEYS.setdefault(id(sc), set())
+        dedup_key = (call["secretId"], call["hook"], keys[0]) if keys else None
+        if dedup_key is not None and dedup_key in seen:
+            assert body == {"status": "ok", "duplicate": True, "requestId": rid}, (req, body)
+            assert new_calls == [], "a duplicate reached the runtime"
+            return
+        if dedup_key is not None:
+            seen.add(dedup_key)
         assert body["status"] == "ok" and body["session"] == call["sessionKey"]
         [received] = new_calls
         assert {k: received.get(k) for k in call} == call

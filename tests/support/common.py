@@ -95,6 +95,8 @@ class PublicTestServer(TestServer):
     """The public app served as in production (:class:`PublicRunner`, no router)."""
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        # No access log, as in production: it would write the URL, query and all.
+        kwargs.setdefault("access_log", None)
         return PublicRunner(self.app, **kwargs)
 
 
