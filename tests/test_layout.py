@@ -117,3 +117,20 @@ def test_code_cites_no_document_users_do_not_have() -> None:
         if pattern.search(line)
     ]
     assert offenders == []
+
+
+def test_every_docs_page_the_code_cites_exists() -> None:
+    """Pages still being written (routes, spool, connections) are cited by the code
+    that builds them; they must land with it."""
+    cited = {
+        (path.relative_to(REPO), page)
+        for folder in ("sidecar", "tests", "bench", "deploy")
+        for path in (REPO / folder).rglob("*")
+        if path.is_file() and path.suffix in {".py", ".yaml", ".json", ".md"}
+        for page in re.findall(r"docs/([a-z0-9-]+\.md)", path.read_text())
+    }
+    assert cited  # the walk found citations
+    missing = sorted(
+        f"{where}: docs/{page}" for where, page in cited if not (REPO / "docs" / page).exists()
+    )
+    assert missing == []
