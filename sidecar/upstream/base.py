@@ -97,6 +97,8 @@ class BaseForwarder:
         self.pool = pool
         self.timeout = upstream.timeout
         self.host = upstream.host if upstream.url else "localhost"
+        # Where the runtime was looked for, for the operator reading the log.
+        self.where = upstream.url or upstream.socket or ""
 
     # Where Authorization goes: before the other headers (openclaw) or after them.
     auth_first = False
@@ -137,7 +139,9 @@ class BaseForwarder:
         except TimeoutError:
             raise Reject(504, "upstream_timeout", UPSTREAM_TIMEOUT_MESSAGE) from None
         except UpstreamConnectError as exc:
-            log.warning("runtime unreachable: %s", exc)
+            log.warning(
+                "runtime unreachable at %s: %s", self.where, exc, extra={"upstream": self.where}
+            )
             raise unavailable("the agent runtime is not reachable") from None
         except UpstreamProtocolError as exc:
             log.warning("runtime reply unusable: %s", exc)

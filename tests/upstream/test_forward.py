@@ -169,22 +169,28 @@ async def test_any_2xx_is_success_and_run_id_is_optional(
 
 
 async def test_dead_runtime_is_503_upstream_unavailable_with_retry_after(
-    make_sidecar: Any, short_tmp: Path
+    make_sidecar: Any, short_tmp: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     sc = await upstream_sidecar(make_sidecar, short_tmp)  # nothing listens on fake.sock
     status, headers, body = await sc.post("/hooks/wake", WAKE)
     assert (status, body["error"]) == (503, "upstream_unavailable")
     assert headers["Retry-After"].isdigit()
+    # The log says where it looked; the answer does not (the caller need not know).
+    assert f"runtime unreachable at {short_tmp / 'fake.sock'}" in caplog.text
+    assert "fake.sock" not in body["message"]
     audit = sc.audit.entries()[-1]
     assert audit["outcome"] == "upstream_failed" and audit["error"] == "upstream_unavailable"
 
 
-async def test_refused_tcp_port_is_503(make_sidecar: Any, short_tmp: Path) -> None:
+async def test_refused_tcp_port_is_503(
+    make_sidecar: Any, short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     doc = base_doc(short_tmp / "unused.sock")
     doc["sidecar"]["upstream"] = {"url": f"http://127.0.0.1:{free_port()}"}
     sc = await make_sidecar(doc)
     status, _, body = await sc.post("/hooks/wake", WAKE)
     assert (status, body["error"]) == (503, "upstream_unavailable")
+    assert f"runtime unreachable at {doc['sidecar']['upstream']['url']}" in caplog.text
 
 
 @pytest.mark.parametrize("runtime_status", [429, 503])
