@@ -49,6 +49,8 @@ SPEC_STATUS = {
     "agent_not_found": 404, "agent_not_permitted": 403, "session_key_not_allowed": 403,
     "upstream_error": 502, "upstream_unavailable": 503, "upstream_timeout": 504,
     "internal_error": 500,
+    "spool_full": 503,  # docs/spool.md
+    "spool_unavailable": 503,
 }  # fmt: skip
 
 
