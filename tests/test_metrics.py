@@ -56,6 +56,8 @@ SPEC_STATUS = {
     "internal_error": 500, "duplicate_in_flight": 409, "dedup_unavailable": 503,
     # docs/routes.md
     "signature_invalid": 401, "signature_expired": 401, "template_error": 422,
+    "spool_full": 503,  # docs/spool.md
+    "spool_unavailable": 503,
 }  # fmt: skip
 
 
