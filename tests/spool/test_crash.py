@@ -78,8 +78,11 @@ async def test_sigkill_loses_no_answered_event_and_keeps_its_key(
         await recorder.start()
     recorder.mode = "ok"
     sidecars(short_tmp, doc).start()
-    delivered = lambda: {c["body"]["requestId"] for c in recorder.delivered}  # noqa: E731
-    await until(lambda: set(answered) <= delivered(), timeout=60)
+
+    def all_delivered() -> bool:
+        return set(answered) <= {c["body"]["requestId"] for c in recorder.delivered}
+
+    await until(all_delivered, timeout=60)
     for rid, event_id in answered.items():
         # Every attempt of an answered event, before and after the kills, used one key.
         assert recorder.keys_of(rid) == {f"evt:{event_id}"}, rid

@@ -14,7 +14,7 @@ import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -194,7 +194,7 @@ class SidecarProcess:
         self.stdout_lines: list[str] = []
         self._readers: list[threading.Thread] = []
 
-    def start(self, timeout: float = 15.0) -> SidecarProcess:
+    def start(self, timeout: float = 15.0) -> Self:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "run", "-c", str(self.config_path)],
             stderr=subprocess.PIPE,
