@@ -171,11 +171,8 @@ class State:
             if fresh:
                 pool.close()
             raise
-        previous, self.pool, self.runtime = (
-            self.pool,
-            pool,
-            Runtime(settings, guards, forward, routes),
-        )
+        runtime = Runtime(settings, guards, forward, routes)
+        previous, self.pool, self.runtime = self.pool, pool, runtime
         if fresh and previous is not None:
             previous.close()  # idle connections only; calls in flight finish on theirs
         if limiter is not self.limiter:
