@@ -171,6 +171,23 @@ async def test_max_connections_per_ip_closes_the_extra_one_trusted_proxies_exemp
     assert "Traceback" not in "\n".join(proc.lines)
 
 
+async def test_header_timeout_runs_from_accept_and_between_kept_alive_requests(
+    runtime: Runtime, short_tmp: Path, sidecar_process: Any
+) -> None:
+    doc = listening_doc(runtime.path, limits={"headerTimeout": "1s"})
+    _, port = start(sidecar_process, short_tmp, doc)
+    [(silent, silent_w)] = await open_idle(port, 1, OTHER)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(CALL)
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    started = time.monotonic()
+    assert await closed_within(silent, 4)  # never sent a byte
+    assert await closed_within(reader, 4)  # idle after its response
+    assert time.monotonic() - started < 4
+    writer.close()
+    silent_w.close()
+
+
 # ---------------------------------------------------------------- TLS handshakes
 
 
