@@ -89,6 +89,7 @@ class Deliverer:
         self.busy: set[str] = set()  # ordering keys with an event in flight
         self.in_flight: dict[int, asyncio.Task[None]] = {}
         self.replays = -1
+        self.resync = False  # re-reading from the start: skip events already in memory
         self.wake = asyncio.Event()
         self.stopping = False
         self.drain_started: float | None = None
@@ -169,6 +170,7 @@ class Deliverer:
             self.loaded = sum(len(q) for q in self.queues.values())
             self.cursor = 0
             self.more = True
+            self.resync = True
 
     async def _read(self) -> None:
         room = WINDOW - self.loaded
@@ -178,9 +180,13 @@ class Deliverer:
             return
         events = await self.store.run(queries.pending_after(self.cursor, room))
         self.more = len(events) == room
+        known: set[int] = set()
+        if self.resync:
+            known = {e.seq for q in self.queues.values() for e in q}
+            self.resync = self.more
         for event in events:
             self.cursor = max(self.cursor, event.seq)
-            if event.seq in self.in_flight:
+            if event.seq in self.in_flight or event.seq in known:
                 continue
             self.queues.setdefault(event.ordering, deque()).append(event)
             self.loaded += 1

@@ -225,7 +225,10 @@ def drop(event_ids: Sequence[str]) -> Callable[[sqlite3.Connection], list[str]]:
     """Delete events for good; the ids that existed."""
 
     def op(conn: sqlite3.Connection) -> list[str]:
-        return [i for i in event_ids if conn.execute(
+        dropped = [i for i in event_ids if conn.execute(
             "DELETE FROM events WHERE id = ?", (i,)).rowcount]  # fmt: skip
+        # The delivery loop re-reads the file: what it held of these is forgotten.
+        conn.execute("UPDATE meta SET value = value + 1 WHERE name = 'replays'")
+        return dropped
 
     return op
