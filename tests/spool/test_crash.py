@@ -35,13 +35,16 @@ async def stream_until_killed(
                 i += 1
                 session_key = f"s{rng.randrange(3)}"
                 body = {"agent": AGENT, "message": rid, "sessionKey": session_key}
-                headers = {"Authorization": f"Bearer {SECRET}", "X-Request-Id": rid}
+                headers = {"Authorization": f"Bearer {SECRET}"}
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     async with session.post(
                         sidecar.url + "/hooks/agent", json=body, headers=headers
                     ) as resp:
                         if resp.status == 200:
-                            answered[rid] = (await resp.json())["eventId"]
+                            # The sidecar's own id: a client's X-Request-Id is adopted
+                            # only from a trusted proxy (docs/connections.md).
+                            reply = await resp.json()
+                            answered[reply["requestId"]] = reply["eventId"]
                         else:
                             await asyncio.sleep(0.01)
 
