@@ -78,7 +78,9 @@ async def _demo(settings: Settings, audit: logs.AuditLog, secret: str) -> int:
         base = f"http://{settings.sidecar.listen}"
         print(f"\nwebhook-sidecar demo: {base} -> reference runtime on {upstream_socket}")
         print(f"admin (metrics, health): http://{settings.sidecar.admin_listen}/metrics\n")
-        print(f"secret (id 'demo'): {secret}\n")
+        print(f"secret (id 'demo'): {secret}")
+        # The config it runs, to copy from (deleted when the demo stops).
+        print(f"config: {settings.path}\n")
         print("Try these (wake; agent with its fixed session; agent with its own session key):\n")
         for line in curl_examples(base, secret):
             print(f"  {line}\n")

@@ -168,6 +168,11 @@ def test_demo_answers_its_own_curl_commands(short_tmp: Path) -> None:
                 break
         secret = next(line.split()[-1] for line in printed if line.startswith("secret"))
         assert re.fullmatch(r"[0-9a-f]{64}", secret)
+        # Where its config is, while it runs: a valid one, to start from.
+        config_path = next(
+            line.split(": ", 1)[1].strip() for line in printed if line.startswith("config: ")
+        )
+        assert run_cli("check-config", "-c", config_path).returncode == 0
         curls = [shlex.split(line.strip()) for line in printed if line.strip().startswith("curl ")]
         assert len(curls) == 3
         results = []
