@@ -179,9 +179,11 @@ async def test_mixed_case_session_key_is_sent_as_the_gateway_stores_it(
     assert run.session_key == f"agent:main:hook:{session.lower()}"
 
 
-async def test_same_idempotency_key_twice_gives_the_same_run(
+async def test_same_idempotency_key_twice_starts_one_run(
     sc: Sidecar, gateway: openclaw.Gateway
 ) -> None:
+    """The sidecar answers the repeat itself (docs/dedup.md): 200 duplicate, not sent
+    again, so the gateway holds one run for the key; a call without a key is a new run."""
     call = {
         "agent": AGENT,
         "message": marker("idem"),
@@ -192,9 +194,11 @@ async def test_same_idempotency_key_twice_gives_the_same_run(
     two = await sc.post("/hooks/agent", call, headers=key)
     other = await sc.post("/hooks/agent", call)  # no key: a new run
     assert one[0] == two[0] == other[0] == 200
-    assert one[2]["runId"] == two[2]["runId"] != other[2]["runId"]
+    assert two[2]["duplicate"] is True and "runId" not in two[2]
+    assert one[2]["runId"] != other[2]["runId"]
     await run_of(gateway, other[2]["runId"])
-    assert [r.run_id for r in gateway.hook_runs()].count(one[2]["runId"]) == 1
+    runs = [r.run_id for r in gateway.hook_runs()]
+    assert runs.count(one[2]["runId"]) == 1 and runs.count(other[2]["runId"]) == 1
 
 
 async def test_client_forwarding_headers_are_not_passed_on(
