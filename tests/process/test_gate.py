@@ -182,14 +182,21 @@ async def test_header_timeout_runs_from_accept_and_between_kept_alive_requests(
     _, port = start(sidecar_process, short_tmp, doc)
     [(silent, silent_w)] = await open_idle(port, 1, OTHER)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(CALL)
-    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
-    started = time.monotonic()
-    assert await closed_within(silent, 4)  # never sent a byte
-    assert await closed_within(reader, 4)  # idle after its response
-    assert time.monotonic() - started < 4
-    writer.close()
-    silent_w.close()
+    try:
+        writer.write(CALL)
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)  # the whole response: what is left is the close
+        started = time.monotonic()
+        # 1 s each; the bounds leave room for a loaded machine, and without the
+        # timeout neither connection would ever be closed.
+        assert await closed_within(silent, 8)  # never sent a byte
+        assert await closed_within(reader, 8)  # idle after its response
+        assert time.monotonic() - started < 8
+    finally:
+        writer.close()
+        silent_w.close()
 
 
 # ---------------------------------------------------------------- TLS handshakes
