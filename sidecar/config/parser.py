@@ -51,6 +51,7 @@ from ..settings import (
     Upstream,
     Webhooks,
 )
+from .fields import choice as _choice
 from .routes import parse_routes
 from .strength import weak_secret_reason
 
@@ -723,15 +724,6 @@ def _workers(value: object) -> int:
     if isinstance(value, str):
         raise ValueError(f"must be a whole number between 1 and {MAX_WORKERS}, or 'auto'")
     return _int_between(1, MAX_WORKERS)(value)
-
-
-def _choice(*choices: str) -> Callable[[object], str]:
-    def convert(value: object) -> str:
-        if value not in choices:
-            raise ValueError("must be one of " + ", ".join(repr(c) for c in choices))
-        return str(value)
-
-    return convert
 
 
 def _text(low: int, high: int) -> Callable[[object], str]:

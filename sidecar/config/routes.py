@@ -17,6 +17,7 @@ from ..routes.standard_webhooks import key_of
 from ..routes.templates import Expression, Template, TemplateSyntaxError
 from ..secrets import Secret
 from ..settings import AGENT_NAME, Agent, Route, Verify
+from .fields import choice as _choice
 
 T = TypeVar("T")
 RESERVED = frozenset({"wake", "agent"})  # the seed's own hooks
@@ -200,15 +201,6 @@ def _string(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string")
     return value
-
-
-def _choice(*choices: str) -> Callable[[object], str]:
-    def convert(value: object) -> str:
-        if value not in choices:
-            raise ValueError("must be one of " + ", ".join(repr(c) for c in choices))
-        return str(value)
-
-    return convert
 
 
 def _header_name(value: object) -> str:
