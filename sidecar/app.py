@@ -23,7 +23,7 @@ from .guards.allowlist import ip_allowlist
 from .guards.auth import bearer_auth
 from .guards.body import json_body
 from .guards.clientip import client_address
-from .guards.dedup import dedup
+from .guards.dedup import abandon, dedup
 from .guards.enabled import webhooks_enabled
 from .guards.lockout import LockoutTable, auth_lockout, failure_recorder
 from .guards.ratelimit import InFlight, agent_limits, client_limits
@@ -277,8 +277,7 @@ async def handle(state: State, request: web.BaseRequest) -> web.StreamResponse:
         # handler_cancellation is off: only the drain deadline (Server.stop) cancels a call.
         cut = _CUT_OFF_FORWARDING if forwarding else _CUT_OFF
         _finish(state, call, cut.status, cut.code)
-        if call.claim is not None:
-            call.claim.abandon()
+        abandon(call)
         raise
     except Exception:
         log.exception("internal error", extra={"requestId": call.request_id})
@@ -292,7 +291,7 @@ async def handle(state: State, request: web.BaseRequest) -> web.StreamResponse:
             for done in call.finalizers:
                 done()
     if call.claim is not None:  # the one place a held dedup id is remembered or forgotten
-        pending = call.claim.finish(response.status == 200)
+        pending = call.claim(response.status == 200)
         if pending is not None:
             await pending
     return response

@@ -12,7 +12,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -25,13 +25,10 @@ if TYPE_CHECKING:
 Guard = Callable[["Call"], Awaitable[None] | None]
 
 
-class Claimed(Protocol):
-    """A delivery id the call holds (guards/dedup.py): ``app.handle`` finishes it once
-    the answer is known, or abandons it when the call is cut off."""
-
-    def finish(self, answered_ok: bool) -> Awaitable[None] | None: ...
-
-    def abandon(self) -> None: ...
+# Finishes the dedup id a call holds (guards/dedup.py): ``app.handle`` calls it once,
+# with whether the answer was a 200, when the answer is known or the call is cut off.
+# It may return an awaitable (a shared backend's round trip).
+Finish = Callable[[bool], Awaitable[None] | None]
 
 
 # The hooks, by their exact decoded path (docs/http-api.md): nothing else routes.
@@ -104,7 +101,7 @@ class Call:
         # Sent upstream as Idempotency-Key when set: the client's own key, or a route's
         # "<route>:<delivery id>" (docs/upstream.md).
         self.idempotency_key: str | None = None
-        self.claim: Claimed | None = None  # the dedup id this call holds (docs/dedup.md)
+        self.claim: Finish | None = None  # the dedup id this call holds (docs/dedup.md)
         # Audit keys beyond the fixed ones (docs/audit-log.md), e.g. route, deliveryId.
         self.audit_extra: dict[str, object] | None = None
 

@@ -1,7 +1,8 @@
 -- wrk script for bench/dedup_bench.py: bench/wrk/post.lua (same arguments, same
--- BENCH_RESULT line), plus a fresh Idempotency-Key on every request, so every call
--- is a new delivery: claimed, forwarded, remembered. The keys are
--- "$DEDUP_PREFIX-<thread>-<n>": the harness gives each run its own prefix.
+-- BENCH_RESULT line), plus a fresh value of the header $DEDUP_HEADER (default
+-- Idempotency-Key) on every request, so every keyed call is a new delivery:
+-- claimed, forwarded, remembered. The values are "$DEDUP_PREFIX-<thread>-<n>":
+-- the harness gives each run its own prefix.
 --
 --   DEDUP_PREFIX=run1 WRK_POST_LUA=bench/wrk/post.lua wrk ... -s bench/wrk/dedup.lua URL -- ...
 
@@ -18,9 +19,11 @@ end
 
 local counter = 0
 local prefix = (os.getenv("DEDUP_PREFIX") or "dedup") .. "-"
+local header = os.getenv("DEDUP_HEADER")
+if header == nil or header == "" then header = "Idempotency-Key" end
 
 function request()
    counter = counter + 1
-   wrk.headers["Idempotency-Key"] = prefix .. (thread_id or 0) .. "-" .. counter
+   wrk.headers[header] = prefix .. (thread_id or 0) .. "-" .. counter
    return wrk.format()
 end

@@ -11,12 +11,12 @@ Which calls are deduplicated, and under which key:
   endpoint, so a wake and an agent call that happen to share a key stay two calls.
   The key forwarded upstream stays the client's own.
 
-The claim's answer: new -> the call goes on and holds the id (:class:`Held`);
+The claim's answer: new -> the call goes on and holds the id (``call.claim``);
 in flight -> 409 ``duplicate_in_flight`` with ``Retry-After: 1``; done -> 200
 ``{"duplicate": true}``, not forwarded; backend down -> 503
 ``dedup_unavailable`` (fail closed: never forwarded unchecked).
 
-:meth:`Held.finish` runs once, in ``app.handle``, when the answer is known: a 200
+``call.claim`` is called once, in ``app.handle``, when the answer is known: a 200
 (forwarded, or answered such as ``ignored``) remembers the id; anything else (a
 429 from the agent's limit, an upstream failure, a shutdown cut-off) forgets it,
 so the sender's retry goes through.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from functools import partial
 from typing import NoReturn
 
 from ..call import Answer, Call, Guard, Reject
@@ -52,58 +53,30 @@ def route_dedup_seconds(settings: Settings, route: str) -> float:
     return 0.0 if config is None else config.dedup
 
 
-class Held:
-    """An id this call claimed: remembered or forgotten once the call's answer is known."""
+async def _finish(store: DedupStore, key: str, ttl: float, answered_ok: bool) -> None:
+    """Remember the id (a 200) or forget it (anything else), in a shared backend."""
+    # A backend that fails now is not the caller's problem: the answer is given. An
+    # id not remembered lets one retry through; one not forgotten blocks retries
+    # until its in-flight time runs out.
+    try:
+        if answered_ok:
+            await store.complete(key, ttl)
+        else:
+            await store.release(key)
+    except DedupUnavailable:
+        pass  # the store logged the outage
 
-    __slots__ = ("key", "store", "ttl")
 
-    def __init__(self, store: DedupStore, key: str, ttl: float) -> None:
-        self.store = store
-        self.key = key
-        self.ttl = ttl
-
-    def finish(self, answered_ok: bool) -> Awaitable[None] | None:
-        """Remember the id (a 200) or forget it (anything else)."""
-        return self._finish(answered_ok)
-
-    async def _finish(self, answered_ok: bool) -> None:
-        # A backend that fails now is not the caller's problem: the answer is given.
-        # An id not remembered lets one retry through; one not forgotten blocks
-        # retries until its in-flight time runs out.
-        try:
-            if answered_ok:
-                await self.store.complete(self.key, self.ttl)
-            else:
-                await self.store.release(self.key)
-        except DedupUnavailable:
-            pass  # the store logged the outage
-
-    def abandon(self) -> None:
-        """The call was cancelled (shutdown cut-off): forget the id in the background."""
-        task = asyncio.ensure_future(self._finish(False))
+def abandon(call: Call) -> None:
+    """The call was cut off (the drain deadline): forget its id, in the background
+    when the backend needs a round trip (the call's own task is being cancelled)."""
+    if call.claim is None:
+        return
+    pending = call.claim(False)
+    if pending is not None:
+        task = asyncio.ensure_future(pending)
         _releasing.add(task)
         task.add_done_callback(_releasing.discard)
-
-
-class HeldInMemory:
-    """:class:`Held` for the memory store, which answers at once: no coroutine, no
-    task (the default backend's hot path)."""
-
-    __slots__ = ("key", "store", "ttl")
-
-    def __init__(self, store: MemoryDedupStore, key: str, ttl: float) -> None:
-        self.store = store
-        self.key = key
-        self.ttl = ttl
-
-    def finish(self, answered_ok: bool) -> None:
-        if answered_ok:
-            self.store.complete_now(self.key, self.ttl)
-        else:
-            self.store.release_now(self.key)
-
-    def abandon(self) -> None:
-        self.finish(False)
 
 
 def dedup(settings: Settings, store: DedupStore, metrics: Metrics) -> Guard:
@@ -122,18 +95,19 @@ def dedup(settings: Settings, store: DedupStore, metrics: Metrics) -> Guard:
             ttl = route_dedup_seconds(call.settings, route)
             if ttl <= 0:
                 return None
-            return _claim(call, f"route:{route}:{call.delivery_id}", ttl, route)
-        key = call.idempotency_key
-        if key is None or call.secret is None:
-            return None
-        endpoint = call.endpoint
-        return _claim(call, f"hook:{call.secret.id}:{endpoint}:{key}", HOOK_TTL, endpoint)
-
-    def _claim(call: Call, key: str, ttl: float, label: str) -> Awaitable[None] | None:
-        if memory is not None:  # synchronous: no coroutine for the default backend
+            key = f"route:{route}:{call.delivery_id}"
+            label = route
+        else:
+            client_key = call.idempotency_key
+            if client_key is None or call.secret is None:
+                return None
+            label = call.endpoint
+            key = f"hook:{call.secret.id}:{label}:{client_key}"
+            ttl = HOOK_TTL
+        if memory is not None:  # synchronous, in this frame: the default backend's hot path
             claim = memory.claim_now(key, in_flight_ttl)
-            if claim is Claim.NEW:
-                call.claim = HeldInMemory(memory, key, ttl)
+            if claim is Claim.NEW:  # the answer's one call: no object of ours, no frame
+                call.claim = partial(memory.finish_now, key, ttl)
                 return None
             _duplicate(call, claim, label)  # raises
         return _claim_shared(call, key, ttl, label)
@@ -149,7 +123,7 @@ def dedup(settings: Settings, store: DedupStore, metrics: Metrics) -> Guard:
                 {"Retry-After": RETRY_AFTER_UNAVAILABLE},
             ) from None
         if claim is Claim.NEW:
-            call.claim = Held(store, key, ttl)
+            call.claim = partial(_finish, store, key, ttl)
             return
         _duplicate(call, claim, label)
 

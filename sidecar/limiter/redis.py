@@ -7,29 +7,16 @@ server's clock (``TIME``), so replicas with skewed clocks still agree. Keys are
 prefixed (``whs:rl:``) and expire by themselves when their bucket is full again.
 
 Decisions asked for in the same turn of the event loop go out together, as one
-pipeline: under load one round trip and one pass through redis-py serve many
-requests (redis-py spends about 100 µs of CPU per command; in a pipeline of 16
-about 30 µs per decision), and nothing waits for a batch to fill.
-
-The script is sent by hash (``EVALSHA``); a Redis that does not know it (just
-restarted, ``SCRIPT FLUSH``) answers ``NOSCRIPT`` and the same call is sent once
-in full (``EVAL``, which also caches it again).
-
-A dead Redis is met as :mod:`sidecar.store.redis_client` says: fail fast, back
-off, log an outage when it starts and ends, never per request.
+pipeline, and a script Redis does not know is sent again in full: both as
+:mod:`sidecar.store.redis_client` says, which the dedup store shares.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import logging
 from collections.abc import Sequence
-from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError
-
-from ..store.redis_client import RedisBackend, describe
+from ..store.redis_client import RedisBackend, Script, describe
 from .base import Check, Decision, Limiter, LimiterUnavailable
 
 __all__ = ["KEY_PREFIX", "SCRIPT", "SCRIPT_SHA", "RedisLimiter", "describe"]
@@ -65,10 +52,8 @@ for i = 1, #KEYS do
 end
 return reply
 """
-SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
-
-# (number of keys, EVALSHA arguments, the waiting request's future)
-_Pending = tuple[int, list[str | int], "asyncio.Future[list[int]]"]
+_SCRIPT = Script(SCRIPT)
+SCRIPT_SHA = _SCRIPT.sha
 
 
 class RedisLimiter(RedisBackend, Limiter):
@@ -77,99 +62,13 @@ class RedisLimiter(RedisBackend, Limiter):
     PREFIX = KEY_PREFIX
     WHAT = "rate limit"
     COUNT = "failedDecisions"
+    UNAVAILABLE = LimiterUnavailable
     logger = log
 
-    def __init__(self, url: str, **options: Any) -> None:
-        super().__init__(url, **options)
-        self._queue: list[_Pending] = []
-        self._sending: set[asyncio.Task[None]] = set()
-        self._probe: asyncio.Task[None] | None = None  # the one batch testing a down Redis
-
     async def acquire(self, checks: Sequence[Check]) -> Decision:
-        outage = self._outage
-        if outage.down_since is not None and (self._probe is not None or outage.backing_off()):
-            outage.refused()
-            raise LimiterUnavailable(self.where)
-        args: list[str | int] = [self.prefix + key for _, key in checks]
+        keys = [self.prefix + key for _, key in checks]
+        args: list[str | int] = []
         for policy, _ in checks:
             args += (policy.interval, policy.tolerance)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[int]] = loop.create_future()
-        if not self._queue:
-            loop.call_soon(self._flush)
-        self._queue.append((len(checks), args, future))
-        reply = await future
+        reply = await self.run_script(_SCRIPT, keys, args)
         return Decision(reply[0] == 1, tuple(reply[1:]))
-
-    def _flush(self) -> None:
-        """Send every decision asked for since the last flush, as one batch."""
-        batch, self._queue = self._queue, []
-        task = asyncio.ensure_future(self._send(batch))
-        if self._outage.down_since is not None:
-            self._probe = task
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, batch: list[_Pending]) -> None:
-        replies: list[Any]
-        try:
-            replies = await self._run(batch)
-        except (RedisError, OSError) as exc:
-            self._outage.failed(exc)
-            replies = [LimiterUnavailable(self.where)] * len(batch)
-        except asyncio.CancelledError:  # aclose() at exit: nobody may wait forever
-            for _, _, future in batch:
-                future.cancel()
-            raise
-        except Exception as exc:  # a bug: the callers' 500 and log line carry it
-            replies = [exc] * len(batch)
-        else:
-            ok = not any(isinstance(reply, LimiterUnavailable) for reply in replies)
-            if ok:
-                self._outage.recovered()
-        finally:
-            if self._probe is asyncio.current_task():
-                self._probe = None
-        for (_, _, future), reply in zip(batch, replies, strict=True):
-            if future.done():  # its request was cancelled meanwhile
-                continue
-            if isinstance(reply, BaseException):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
-
-    async def _run(self, batch: list[_Pending]) -> list[Any]:
-        """The replies, in order: one EVALSHA, or a pipeline of them (one round trip).
-
-        A script Redis does not know (``NOSCRIPT``) is sent again in full.
-        A Redis error for one decision (e.g. ``OOM``) fails that one only.
-        """
-        client = self.client
-        if len(batch) == 1:
-            keys, args, _ = batch[0]
-            try:
-                return [await client.evalsha(SCRIPT_SHA, keys, *args)]
-            except NoScriptError:
-                return [await client.eval(SCRIPT, keys, *args)]
-        pipe = client.pipeline(transaction=False)
-        for keys, args, _ in batch:
-            pipe.evalsha(SCRIPT_SHA, keys, *args)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-        unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if unknown:
-            pipe = client.pipeline(transaction=False)
-            for i in unknown:
-                pipe.eval(SCRIPT, batch[i][0], *batch[i][1])
-            again = await pipe.execute(raise_on_error=False)
-            for i, reply in zip(unknown, again, strict=True):
-                replies[i] = reply
-        for i, reply in enumerate(replies):
-            if isinstance(reply, RedisError):
-                self._outage.failed(reply)
-                replies[i] = LimiterUnavailable(self.where)
-        return replies
-
-    async def aclose(self) -> None:
-        for task in list(self._sending):
-            task.cancel()
-        await super().aclose()

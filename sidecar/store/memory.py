@@ -1,10 +1,23 @@
 """The ``memory`` dedup backend: ids remembered in this process only (docs/dedup.md).
 
-Bounded: at most ``max_entries`` ids, the oldest claimed first out when a new one
-needs room. Expiry is lazy (no background task): an entry past its deadline is
-treated as absent when it is looked up, and the few expired entries at the old
-end are dropped on each claim. Every operation is O(1): a dict kept in claim
-order (re-claimed or completed ids move to the young end).
+Bounded: at most ``max_entries`` ids, in flight and done together; when a new one
+needs room, the delivery completed longest ago goes first. Expiry is lazy (no
+background task): an entry past its deadline is treated as absent when it is looked
+up, and the few expired ones at the old end are dropped on each claim.
+
+This runs on every keyed call, so every operation is O(1) and touches as little
+memory as it can. One plain dict maps an id to its deadline, with the state in the
+sign: negative while in flight (``-deadline``), positive once done. Beside it, a
+queue of the done ids and their deadlines, in the order they were completed, says
+which id is oldest and whether it has expired without a lookup in the table. An id
+completed again (after it expired or was evicted) leaves its old record behind: a
+record whose deadline no longer matches the table is skipped when it reaches the
+front, and the queue is rebuilt from the table (in its order) if such records ever
+outnumber the live ones.
+
+Nothing kept per id is an object the garbage collector tracks (strings and floats,
+in two queues rather than one queue of tuples), so remembering 100,000 ids does not
+make collections more frequent or longer; a tuple per id cost about 1 µs per call.
 
 Per process: replicas, or several ``workers``, each keep their own ids, so a retry
 that reaches another process is not recognised. Use a ``redis://`` backend there.
@@ -13,17 +26,18 @@ that reaches another process is not recognised. Use a ``redis://`` backend there
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable
 
 from .base import Claim
 
 DEFAULT_MAX_ENTRIES = 100_000
-_SWEEP = 2  # expired entries dropped from the old end per claim: amortised O(1)
+_SWEEP = 2  # expired records dropped from the old end per claim: amortised O(1)
 
 
 class MemoryDedupStore:
-    """Ids in an insertion-ordered dict: key -> (done, deadline on ``clock``)."""
+    """Ids in ``_entries`` (id -> deadline on ``clock``; negative: in flight) and the
+    done ones in completion order (``_order``, ``_deadlines``)."""
 
     backend = "memory"
 
@@ -34,54 +48,85 @@ class MemoryDedupStore:
     ) -> None:
         self.max_entries = max_entries
         self.clock = clock
-        self._entries: OrderedDict[str, tuple[bool, float]] = OrderedDict()
+        self._entries: dict[str, float] = {}
+        self._order: deque[str] = deque()  # done ids, oldest completed first
+        self._deadlines: deque[float] = deque()  # their deadlines then, in step
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def __contains__(self, key: str) -> bool:
-        entry = self._entries.get(key)
-        return entry is not None and entry[1] > self.clock()
+        return abs(self._entries.get(key, 0.0)) > self.clock()
 
     def claim_now(self, key: str, in_flight_ttl: float) -> Claim:
         """:meth:`claim` without the coroutine: what the guard calls on the hot path."""
-        entries = self._entries
         now = self.clock()
-        entry = entries.get(key)
-        if entry is not None and entry[1] > now:
-            return Claim.DONE if entry[0] else Claim.IN_FLIGHT
-        if entry is not None:
-            del entries[key]  # expired: claimed afresh, at the young end
+        entries = self._entries
+        deadline = entries.get(key)
+        if deadline is not None:
+            if deadline > now:
+                return Claim.DONE
+            if -deadline > now:
+                return Claim.IN_FLIGHT
+        deadlines = self._deadlines
         for _ in range(_SWEEP):  # the oldest may have expired: free their room first
-            if not entries or next(iter(entries.values()))[1] > now:
+            if not deadlines or deadlines[0] > now:
                 break
-            entries.popitem(last=False)
-        while len(entries) >= self.max_entries:  # (more than one after a reload shrank it)
-            entries.popitem(last=False)  # full: the oldest goes, expired or not
-        entries[key] = (False, now + in_flight_ttl)
+            self._forget_oldest()
+        if len(entries) >= self.max_entries:
+            self._make_room()
+        entries[key] = -(now + in_flight_ttl)
         return Claim.NEW
 
     async def claim(self, key: str, in_flight_ttl: float) -> Claim:
         return self.claim_now(key, in_flight_ttl)
 
-    def complete_now(self, key: str, ttl: float) -> None:
+    def finish_now(self, key: str, ttl: float, answered_ok: bool) -> None:
+        """The claimed call's answer is known: remember ``key`` as done for ``ttl``
+        seconds (a 200), or forget it while it is still in flight (anything else). One
+        call, no coroutine: what the guard leaves the call to run on the hot path."""
         entries = self._entries
+        if not answered_ok:
+            if entries.get(key, 0.0) < 0:  # never forget a delivery that is done
+                del entries[key]
+            return
         if key not in entries:
-            while len(entries) >= self.max_entries:
-                entries.popitem(last=False)
-        entries[key] = (True, self.clock() + ttl)
-        entries.move_to_end(key)
+            self._make_room()  # an id never claimed here (or evicted since) needs room
+        deadline = self.clock() + ttl
+        entries[key] = deadline
+        self._order.append(key)
+        self._deadlines.append(deadline)
+        if len(self._order) > 2 * len(entries) + 64:  # records of ids completed again
+            self._order = deque(k for k, d in entries.items() if d > 0)
+            self._deadlines = deque(d for d in entries.values() if d > 0)
 
     async def complete(self, key: str, ttl: float) -> None:
-        self.complete_now(key, ttl)
-
-    def release_now(self, key: str) -> None:
-        entry = self._entries.get(key)
-        if entry is not None and not entry[0]:  # never forget a delivery that is done
-            del self._entries[key]
+        self.finish_now(key, ttl, True)
 
     async def release(self, key: str) -> None:
-        self.release_now(key)
+        self.finish_now(key, 0.0, False)
 
     async def aclose(self) -> None:
         self._entries.clear()
+        self._order.clear()
+        self._deadlines.clear()
+
+    def _forget_oldest(self) -> None:
+        """Drop the oldest record, and its id unless it was completed again since."""
+        key = self._order.popleft()
+        deadline = self._deadlines.popleft()
+        if self._entries.get(key) == deadline:
+            del self._entries[key]
+
+    def _make_room(self) -> None:
+        """Evict until one more id fits (more than one after a reload shrank the bound):
+        the done ids completed longest ago first. Only when none is left, i.e. when
+        ``max_entries`` calls are in flight at once, an in-flight id, the first found."""
+        entries = self._entries
+        while len(entries) >= self.max_entries:
+            if self._order:
+                self._forget_oldest()
+            elif entries:
+                del entries[next(iter(entries))]
+            else:
+                return

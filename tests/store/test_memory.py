@@ -98,3 +98,42 @@ async def test_open_dedup_store_memory_with_its_bound() -> None:
     assert store.backend == "memory" and store.max_entries == 7
     with pytest.raises(ValueError, match="unknown dedup backend"):
         open_dedup_store("sqlite")  # the spool's store, opened by the spool
+
+
+async def test_an_id_completed_again_outlives_its_old_record(clock: Clock) -> None:
+    store = MemoryDedupStore(max_entries=3, clock=clock)
+    await store.claim("again", 10)
+    await store.complete("again", 1)
+    clock.now += 2  # expired: the sender's next delivery with the same id is new
+    assert await store.claim("again", 10) is Claim.NEW
+    await store.complete("again", 3600)
+    # The first record of "again" reaches the old end and expires: it must not take
+    # the id's second, live entry with it.
+    for key in ("x", "y"):
+        assert await store.claim(key, 10) is Claim.NEW
+        await store.complete(key, 3600)
+    assert await store.claim("again", 10) is Claim.DONE
+
+
+async def test_records_of_ids_completed_again_stay_bounded(clock: Clock) -> None:
+    store = MemoryDedupStore(max_entries=10, clock=clock)
+    await store.claim("long", 10)
+    await store.complete("long", 3600)  # at the old end, blocking the sweep for an hour
+    for _ in range(1000):
+        assert await store.claim("short", 10) is Claim.NEW
+        await store.complete("short", 1)
+        clock.now += 2
+    assert len(store) == 2
+    assert len(store._order) <= 2 * 2 + 64  # rebuilt, not one record per completion
+    assert await store.claim("long", 10) is Claim.DONE
+
+
+async def test_in_flight_ids_count_toward_the_bound(clock: Clock) -> None:
+    store = MemoryDedupStore(max_entries=2, clock=clock)
+    await store.claim("done", 10)
+    await store.complete("done", 3600)
+    assert await store.claim("a", 10) is Claim.NEW
+    assert await store.claim("b", 10) is Claim.NEW  # full: the done id makes room
+    assert "done" not in store and len(store) == 2
+    assert await store.claim("c", 10) is Claim.NEW  # no done id left: the oldest claim goes
+    assert "a" not in store and "b" in store and "c" in store

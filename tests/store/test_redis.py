@@ -84,6 +84,20 @@ async def test_one_round_trip_per_claim_and_one_winner_among_many(
     assert "cmdstat_evalsha:calls=20,usec" in stats and "failed_calls=0" in stats
 
 
+async def test_concurrent_claims_and_completions_share_one_connection(
+    redis_server: RedisServer, store: RedisDedupStore
+) -> None:
+    """40 calls at once: their claims go out as one pipeline, their completions as
+    another, on one pooled connection (one per batch would open 40)."""
+    keys = [f"batch-{i}" for i in range(40)]
+    assert await asyncio.gather(*(store.claim(k, 5) for k in keys)) == [Claim.NEW] * 40
+    await asyncio.gather(*(store.complete(k, 60) for k in keys))
+    clients = redis_server.command("CLIENT", "LIST")
+    assert clients is not None and clients.count(b"cmd=") == 2  # the store's and ours
+    claims = await asyncio.gather(*(store.claim(k, 5) for k in keys))
+    assert claims == [Claim.DONE] * 40
+
+
 async def test_two_stores_share_the_ids(redis_server: RedisServer) -> None:
     a, b = RedisDedupStore(redis_server.url), RedisDedupStore(redis_server.url)
     try:
