@@ -147,6 +147,33 @@ def test_wrk_counts_refusals_with_another_error_code(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
+# the issue benchmarks: they run, and every call they count was answered 200
+
+
+@needs_wrk
+@pytest.mark.skipif(
+    shutil.which("redis-server") is None and not IN_CI, reason="redis-server not installed"
+)
+def test_dedup_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "dedup.json"
+    r = bench("dedup_bench.py", "--rounds", "1", "--duration", "1", "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(out.read_text())
+    names = {"nodedup-key", "memory-key", "redis-key", "memory-nokey", "memory-other"}
+    assert set(doc["runs"]) == names and all(doc["runs"][n][0] > 0 for n in names)
+    assert set(doc["ratios"]) == {f"{n} / nodedup-key" for n in names - {"nodedup-key"}}
+    assert all(0 < ratio["cpu"] < 10 for ratio in doc["ratios"].values())
+
+
+@needs_wrk
+def test_routes_bench_smoke() -> None:
+    r = bench("routes_bench.py", "--rounds", "1", "--duration", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "signature check, 64 KiB body:" in r.stdout
+    assert "ratio route/bearer:" in r.stdout
+
+
+# ---------------------------------------------------------------------------
 # soak
 
 
