@@ -258,3 +258,43 @@ def test_soak_smoke(tmp_path: Path) -> None:
     assert tables["objects"] > 1000 and tables["log_queue"] >= 0
     assert len(doc["samples"]) >= 3
     assert summ["memory"]["peak_hwm_mb"] > 20
+
+
+# ---------------------------------------------------------------------------
+# spool
+
+
+@pytest.mark.slow
+@needs_wrk
+def test_spool_bench_smoke(tmp_path: Path) -> None:
+    """bench/spool_bench.py end to end, small: every scenario ran, every call it sent was
+    answered 200, and its figures are of the right kind. Whether the targets are met is
+    the full run's business (exit 4 is allowed: a shared machine may miss one)."""
+    out = tmp_path / "spool.json"
+    r = bench(
+        "spool_bench.py", "--quick", "--duration", "1", "--latency-duration", "1",
+        "--pending", "2000", "--stats-runs", "1", "--json", str(out), timeout=240,
+    )  # fmt: skip
+    assert r.returncode in (0, 4), r.stdout + r.stderr
+    doc = json.loads(out.read_text())
+    line = next(x for x in r.stdout.splitlines() if x.startswith("SPOOL_BENCH "))
+    assert json.loads(line.removeprefix("SPOOL_BENCH ")) == doc
+    assert doc["flags"] == []
+    assert set(doc["targets"]) == {
+        "throughput_ratio", "ack_p99_ms", "rss_mb", "stats_s", "drain_per_s", "recovery_s",
+    }  # fmt: skip
+    assert doc["filesystem"]["type"] not in ("", "?", "tmpfs")
+    t = doc["throughput"]
+    assert t["rps"]["durable"] > 100 and t["rps"]["direct"] > 100
+    assert 0.2 < t["ratio"] < 5 and t["events_per_commit"] >= 1
+    lat = doc["ack_latency"]
+    assert 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"] < 1000
+    assert lat["rate"] == 1000 and lat["events_per_commit"] >= 0.5
+    b = doc["backlog"]
+    assert b["pending"] >= 2000 and b["stats"]["pending"] >= 2000
+    assert 20 < b["rss_mb"] < 200 and 0 < b["stats_s"] < 10
+    rec, drain = doc["recovery"], doc["drain"]
+    assert 0 < rec["backlog_served_s"] < 10 and 0 < rec["backlog_ready_s"] < 10
+    # Everything pending was delivered: the recovery's own calls included.
+    assert drain["events"] == rec["pending"] >= b["pending"]
+    assert drain["per_s"] > 0 and drain["seconds"] > 0

