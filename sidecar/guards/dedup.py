@@ -86,6 +86,9 @@ def dedup(settings: Settings, store: DedupStore, metrics: Metrics) -> Guard:
     """
     in_flight_ttl = settings.sidecar.upstream.timeout + IN_FLIGHT_MARGIN
     memory = store if isinstance(store, MemoryDedupStore) else None
+    # Bound once: the hot path below runs on every keyed call.
+    memory_ops = None if memory is None else (memory.claim_now, memory.finish_now)
+    new = Claim.NEW
 
     def guard(call: Call) -> Awaitable[None] | None:
         route = call.route
@@ -104,10 +107,11 @@ def dedup(settings: Settings, store: DedupStore, metrics: Metrics) -> Guard:
             label = call.endpoint
             key = f"hook:{call.secret.id}:{label}:{client_key}"
             ttl = HOOK_TTL
-        if memory is not None:  # synchronous, in this frame: the default backend's hot path
-            claim = memory.claim_now(key, in_flight_ttl)
-            if claim is Claim.NEW:  # the answer's one call: no object of ours, no frame
-                call.claim = partial(memory.finish_now, key, ttl)
+        if memory_ops is not None:  # synchronous, in this frame: the default backend
+            claim_now, finish_now = memory_ops
+            claim = claim_now(key, in_flight_ttl)
+            if claim is new:  # the answer's one call: no object of ours, no frame
+                call.claim = partial(finish_now, key, ttl)
                 return None
             _duplicate(call, claim, label)  # raises
         return _claim_shared(call, key, ttl, label)

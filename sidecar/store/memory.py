@@ -32,7 +32,6 @@ from collections.abc import Callable
 from .base import Claim
 
 DEFAULT_MAX_ENTRIES = 100_000
-_SWEEP = 2  # expired records dropped from the old end per claim: amortised O(1)
 
 
 class MemoryDedupStore:
@@ -69,12 +68,12 @@ class MemoryDedupStore:
             if -deadline > now:
                 return Claim.IN_FLIGHT
         deadlines = self._deadlines
-        for _ in range(_SWEEP):  # the oldest may have expired: free their room first
-            if not deadlines or deadlines[0] > now:
-                break
+        if deadlines and deadlines[0] <= now:  # the oldest have expired: free their room
             self._forget_oldest()
+            if deadlines and deadlines[0] <= now:  # two a claim: amortised O(1)
+                self._forget_oldest()
         if len(entries) >= self.max_entries:
-            self._make_room()
+            self._make_room(1)
         entries[key] = -(now + in_flight_ttl)
         return Claim.NEW
 
@@ -90,12 +89,12 @@ class MemoryDedupStore:
             if entries.get(key, 0.0) < 0:  # never forget a delivery that is done
                 del entries[key]
             return
-        if key not in entries:
-            self._make_room()  # an id never claimed here (or evicted since) needs room
         deadline = self.clock() + ttl
         entries[key] = deadline
         self._order.append(key)
         self._deadlines.append(deadline)
+        if len(entries) > self.max_entries:  # an id not claimed here (or evicted since)
+            self._make_room(0)
         if len(self._order) > 2 * len(entries) + 64:  # records of ids completed again
             self._order = deque(k for k, d in entries.items() if d > 0)
             self._deadlines = deque(d for d in entries.values() if d > 0)
@@ -118,12 +117,13 @@ class MemoryDedupStore:
         if self._entries.get(key) == deadline:
             del self._entries[key]
 
-    def _make_room(self) -> None:
-        """Evict until one more id fits (more than one after a reload shrank the bound):
-        the done ids completed longest ago first. Only when none is left, i.e. when
-        ``max_entries`` calls are in flight at once, an in-flight id, the first found."""
+    def _make_room(self, room: int) -> None:
+        """Evict until ``room`` more ids fit (more than one goes after a reload shrank
+        the bound): the done ids completed longest ago first. Only when none is left,
+        i.e. when ``max_entries`` calls are in flight at once, an in-flight id, the
+        first found."""
         entries = self._entries
-        while len(entries) >= self.max_entries:
+        while len(entries) > self.max_entries - room:
             if self._order:
                 self._forget_oldest()
             elif entries:
