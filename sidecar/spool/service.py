@@ -62,8 +62,12 @@ class Spool:
             self.store, self.spool_settings, forwarder, draining, metrics.delivery
         )
         self.full = False
-        self.healthy = True  # the last write succeeded
         self._stats_task: asyncio.Task[None] | None = None
+
+    @property
+    def healthy(self) -> bool:
+        """The disk takes writes: false from a failed commit until one gets through."""
+        return self.store.writable
 
     def spool_settings(self) -> SpoolSettings:
         spool = self._settings().sidecar.spool
@@ -104,14 +108,12 @@ class Spool:
                 {"Retry-After": RETRY_AFTER_FULL},
             ) from None
         except SpoolUnavailable:
-            self.healthy = False
             raise Reject(
                 503,
                 "spool_unavailable",
                 "the spool cannot store the call now; retry later",
                 {"Retry-After": RETRY_AFTER_UNAVAILABLE},
             ) from None
-        self.healthy = True
         self.full = False
         self.deliverer.poke()
         return event_id
@@ -130,12 +132,18 @@ class Spool:
 
     async def _stats(self) -> None:
         """Refresh the gauges. Only the delivering process reports the file's numbers (the
-        others report 0), so a sum over ``sidecar.workers`` counts each event once."""
+        others report 0), so a sum over ``sidecar.workers`` counts each event once.
+
+        After a disk error, each round first tries a small real write: readiness must
+        turn 200 again by itself once space is freed, because a pod that is not ready
+        gets no calls (an accept that succeeds would never come)."""
         while True:
             try:
+                if not self.store.writable:
+                    await self.store.run(queries.probe)
                 stats = await self.store.run(_gauges)
             except SpoolUnavailable:
-                self.healthy = False
+                pass  # the store is marked not writable: /readyz says "unavailable"
             else:
                 pending, dead, oldest = stats
                 self.full = pending + dead >= self.spool_settings().max_events
