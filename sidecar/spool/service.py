@@ -50,6 +50,7 @@ class Spool:
         assert spool is not None
         self.path = spool.path
         self._settings = settings
+        self._last = spool
         self.metrics = metrics
         self.store = Store(spool.path, spool.max_events)
         loop = asyncio.get_running_loop()
@@ -70,9 +71,14 @@ class Spool:
         return self.store.writable
 
     def spool_settings(self) -> SpoolSettings:
+        """The live settings: ``maxEvents``, ``retry`` and ``concurrency`` follow a reload.
+        The file is the one opened at start (:attr:`path`): a reload that moves or removes
+        the spool takes effect on restart (the reloader warns), and until then the last
+        settings that had a spool stay in force."""
         spool = self._settings().sidecar.spool
-        assert spool is not None  # a reload cannot remove it: see reload's check
-        return spool
+        if spool is not None:
+            self._last = spool
+        return self._last
 
     async def accept(self, call: Call, forward: BaseForwarder) -> str:
         """Commit ``call``'s upstream request; its eventId once it is on disk. Raises
