@@ -19,7 +19,15 @@ from support.common import SECRET, base_doc, write_config
 from support.senders import GH_SECRET, route
 
 from sidecar import config
-from sidecar.metrics import ENDPOINTS, ERROR_CODES, RELOAD_RESULTS, STATUSES, Metrics
+from sidecar.metrics import (
+    ENDPOINTS,
+    ERROR_CODES,
+    RELOAD_RESULTS,
+    SPOOL_RESULTS,
+    SPOOL_STATES,
+    STATUSES,
+    Metrics,
+)
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana-dashboard.json"
@@ -37,6 +45,11 @@ KNOWN_VALUES = {
     "endpoint": set(ENDPOINTS),
     "code": {str(s) for s in STATUSES},
     "result": set(RELOAD_RESULTS),
+    "state": set(SPOOL_STATES),
+}
+# A label whose values depend on the metric: looked up here first.
+METRIC_VALUES = {
+    ("webhook_sidecar_spool_deliveries_total", "result"): set(SPOOL_RESULTS),
 }
 
 _SELECTOR = re.compile(r"(?<![\w:])([a-zA-Z_:][\w:]*)\s*\{([^}]*)\}")
@@ -117,7 +130,7 @@ def check(expr: str, live: dict[str, set[str]]) -> set[str]:
         labels_here |= live[name]
         for label, op, value in matchers:
             assert label in live[name] | TARGET_LABELS, f"{name} has no label {label!r}"
-            known = KNOWN_VALUES.get(label)
+            known = METRIC_VALUES.get((name, label), KNOWN_VALUES.get(label))
             if known is None or "$" in value:
                 continue
             if op == "=":
@@ -144,6 +157,11 @@ def test_the_checker_catches_typos(live: dict[str, set[str]]) -> None:
         "sum by (secret) (rate(webhook_sidecar_requests_total[5m]))",
         "webhook_sidecar_request_duration_seconds_bukket",
         'webhook_sidecar_rejections_total{reason=~"upstream_eror|upstream_timeout"}',
+        'webhook_sidecar_spool_events{state="pendin"}',
+        # a reload's result, not a delivery's
+        'webhook_sidecar_spool_deliveries_total{result="success"}',
+        'webhook_sidecar_config_reloads_total{result="delivered"}',
+        "webhook_sidecar_spool_oldest_pending_age",
     ):
         with pytest.raises(AssertionError):
             check(bad, live)
@@ -166,9 +184,34 @@ def test_dashboard_references_only_exported_metrics(live: dict[str, set[str]]) -
         "requests_total", "request_duration_seconds_bucket", "upstream_duration_seconds_bucket",
         "rejections_total", "auth_success_total", "secret_not_after_timestamp_seconds",
         "tls_cert_not_after_timestamp_seconds", "config_reloads_total", "in_flight_requests",
-        "duplicates_total",
+        "duplicates_total", "spool_events", "spool_oldest_pending_age_seconds",
+        "spool_deliveries_total", "spool_commit_duration_seconds_bucket",
     ):  # fmt: skip
         assert "webhook_sidecar_" + metric in used, metric
+
+
+def test_dashboard_shows_the_spool_backlog(live: dict[str, set[str]]) -> None:
+    """docs/spool.md: pending and dead events, the oldest pending event's age, and
+    deliveries by result, each in a panel of its own kind."""
+    exprs = dashboard_exprs()
+
+    def panels_with(metric: str, grouped_by: str | None = None) -> list[str]:
+        found = []
+        for expr in exprs:
+            refs, grouping = references(expr)
+            if any(name == metric for name, _ in refs) and (
+                grouped_by is None or grouped_by in grouping
+            ):
+                found.append(expr)
+        return found
+
+    # Pending and dead apart (by state), and the dead letters on their own.
+    assert panels_with("webhook_sidecar_spool_events", grouped_by="state")
+    assert any('state="dead"' in e for e in panels_with("webhook_sidecar_spool_events"))
+    assert panels_with("webhook_sidecar_spool_oldest_pending_age_seconds")
+    # A counter: shown as a rate, split by delivered / retried / dead.
+    deliveries = panels_with("webhook_sidecar_spool_deliveries_total", grouped_by="result")
+    assert deliveries and all("rate(" in e for e in deliveries)
 
 
 def test_dashboard_is_importable() -> None:

@@ -89,6 +89,10 @@ def _require(module: str) -> Any:
 # Not Kubernetes manifests: kustomize's own file, and the monitoring content that
 # tests/test_dashboards.py checks (a Grafana dashboard, a plain Prometheus rules file).
 NOT_MANIFESTS = {"kustomization.yaml", "grafana-dashboard.json", "prometheus-rules.yaml"}
+# Manifests for a variant, applied by hand and never by `kubectl apply -k deploy/`
+# (a claim nobody mounts, or one two replicas would fight over): checked like the
+# others, but kept out of kustomization.yaml.
+OPTIONAL_MANIFESTS = {"spool-pvc.yaml"}
 
 
 def manifest_files() -> list[Path]:
@@ -284,8 +288,12 @@ def test_kustomization_lists_every_manifest_and_nothing_else() -> None:
     listed = kustomization["resources"]
     assert len(listed) == len(set(listed)), "a resource is listed twice"
     on_disk = {f.name for f in manifest_files()}
+    assert on_disk >= OPTIONAL_MANIFESTS
+    assert set(listed) & OPTIONAL_MANIFESTS == set(), "an optional variant is applied by -k"
     assert set(listed) - on_disk == set(), "listed but missing in deploy/"
-    assert on_disk - set(listed) == set(), "in deploy/ but not in kustomization.yaml"
+    assert on_disk - OPTIONAL_MANIFESTS - set(listed) == set(), (
+        "in deploy/ but not in kustomization.yaml"
+    )
 
 
 def test_resource_names_are_unique(resources: list[dict[str, Any]]) -> None:
@@ -525,18 +533,144 @@ def test_upstream_socket_is_on_the_volume_both_containers_share(
     assert len(config["sidecar"]["upstream"]["socket"].encode()) < 108
 
 
-def test_grace_period_covers_the_drain(config: dict[str, Any], pod_spec: dict[str, Any]) -> None:
-    def pre_stop_sleep(name: str) -> float:
-        hook = container(pod_spec, name).get("lifecycle", {}).get("preStop", {})
-        return float(hook.get("sleep", {}).get("seconds", 0))
+# --------------------------------------------------------------------------
+# The spool's volume (docs/spool.md)
+# --------------------------------------------------------------------------
 
+# What one spooled call may take on disk at most: its upstream body is the call's
+# JSON re-encoded as ASCII (a 2- or 4-byte UTF-8 character becomes a 6- or 12-byte
+# escape: at most 3 x maxBodyBytes), plus the row, its indexes and its headers (an
+# Idempotency-Key may be 8 KiB).
+EVENT_OVERHEAD = 16 * 1024
+WAL_HEADROOM = 16 * 1024 * 1024  # SQLite's WAL between checkpoints (~4 MiB), with room
+
+
+def spool_worst_case_bytes(config: dict[str, Any]) -> float:
+    """What the spool may reach before it answers 503 spool_full: maxEvents calls of the
+    largest size, plus two group-commit batches (one in the WAL, one in temporary files)."""
+    store = pytest.importorskip("sidecar.spool.store")
+    side = config["sidecar"]
+    max_events = side["spool"].get("maxEvents", 100000)
+    per_event = 3 * side.get("limits", {}).get("maxBodyBytes", 65536) + EVENT_OVERHEAD
+    return float((max_events + 2 * store.MAX_BATCH) * per_event + WAL_HEADROOM)
+
+
+@pytest.fixture(scope="module")
+def spool_folder(config: dict[str, Any]) -> str:
+    if "spool" not in config["sidecar"]:
+        pytest.skip("the shipped config runs in direct mode: no spool volume to check")
+    path = Path(config["sidecar"]["spool"]["path"])
+    assert path.is_absolute(), "a relative spool path depends on the config's folder"
+    return str(path.parent)
+
+
+@pytest.fixture(scope="module")
+def spool_volume(
+    spool_folder: str, pod_spec: dict[str, Any], sidecar: dict[str, Any]
+) -> dict[str, Any]:
+    mounts = [m for m in sidecar["volumeMounts"] if m["mountPath"].rstrip("/") == spool_folder]
+    # Exactly at the folder: SQLite creates spool.db-wal and spool.db-shm beside the
+    # file, and a folder inside a fresh volume mounted higher up would not exist.
+    assert len(mounts) == 1, f"no volume mounted at {spool_folder} (sidecar.spool.path's folder)"
+    volume: dict[str, Any] = {v["name"]: v for v in pod_spec["volumes"]}[mounts[0]["name"]]
+    return volume
+
+
+def test_spool_is_on_a_writable_volume_of_its_own(
+    spool_folder: str,
+    spool_volume: dict[str, Any],
+    pod_spec: dict[str, Any],
+    sidecar: dict[str, Any],
+) -> None:
+    [mount] = [m for m in sidecar["volumeMounts"] if m["name"] == spool_volume["name"]]
+    assert not mount.get("readOnly"), "the spool is written"
+    for other in sidecar["volumeMounts"]:
+        if other is mount:
+            continue
+        where = other["mountPath"].rstrip("/")
+        # Not inside the read-only config volume (nor any other), and nothing on top.
+        assert not spool_folder.startswith(where + "/"), f"the spool is inside {where}"
+        assert not where.startswith(spool_folder + "/"), f"{where} is inside the spool"
+    # The pod's own disk or a claim; not memory (it would count against the sidecar's
+    # memory limit, and an OOM kill would take the spool with it).
+    kinds = set(spool_volume) - {"name"}
+    assert kinds in ({"emptyDir"}, {"persistentVolumeClaim"}), kinds
+    assert spool_volume.get("emptyDir", {}).get("medium", "") != "Memory"
+    # The runtime gets calls over the socket, never the file.
+    for ctr in all_containers(pod_spec):
+        if ctr is not sidecar:
+            names = {m["name"] for m in ctr.get("volumeMounts", [])}
+            assert spool_volume["name"] not in names, f"{ctr['name']} mounts the spool"
+    # Writable by the sidecar's user: the volume's group is the pod's fsGroup, which
+    # must be the sidecar's group (a claim's files are chowned to it).
+    ctx = effective_security_context(pod_spec, sidecar)
+    assert pod_spec["securityContext"].get("fsGroup") == ctx["runAsGroup"]
+    # And the rest of the container stays read-only.
+    assert ctx["readOnlyRootFilesystem"] is True
+
+
+def test_sqlite_has_a_writable_temporary_folder(spool_folder: str, sidecar: dict[str, Any]) -> None:
+    # With a read-only root and nothing on /tmp, SQLite finds no folder for the
+    # temporary files of a large transaction, and the spool answers 503 to a burst
+    # of big calls (sidecar/spool/store.py: sqlite_temp_dir).
+    env = {e["name"]: e.get("value") for e in sidecar.get("env", [])}
+    folder = env.get("SQLITE_TMPDIR") or env.get("TMPDIR")
+    assert folder, "set SQLITE_TMPDIR: the root file system is read-only"
+    writable = {
+        m["mountPath"].rstrip("/") for m in sidecar["volumeMounts"] if not m.get("readOnly")
+    }
+    assert folder.rstrip("/") in writable, f"{folder} is not a writable mount"
+
+
+def test_spool_volume_holds_a_full_spool(
+    config: dict[str, Any],
+    spool_volume: dict[str, Any],
+    resources: list[dict[str, Any]],
+    sidecar: dict[str, Any],
+) -> None:
+    # An emptyDir over its sizeLimit gets the pod EVICTED, the volume and the events
+    # on it deleted; the spool must reach maxEvents (503 spool_full, nothing lost)
+    # first. A claim that fills answers 503 spool_unavailable and keeps what it has.
+    worst = spool_worst_case_bytes(config)
+    if "emptyDir" in spool_volume and "sizeLimit" in spool_volume["emptyDir"]:
+        limit = quantity(spool_volume["emptyDir"]["sizeLimit"])
+        assert limit >= worst, f"sizeLimit {limit / 2**30:.2f} GiB < {worst / 2**30:.2f} GiB"
+        request = sidecar["resources"]["requests"].get("ephemeral-storage")
+        assert request is None or quantity(request) <= limit
+    claims = [r for r in resources if r["kind"] == "PersistentVolumeClaim"]
+    for claim in claims:
+        assert quantity(claim["spec"]["resources"]["requests"]["storage"]) >= worst
+
+
+def test_spool_claim_serves_one_pod(resources: list[dict[str, Any]]) -> None:
+    claim = find(resources, "PersistentVolumeClaim", "webhook-sidecar-spool")
+    # Two pods on one node must never open one spool file (each would deliver it).
+    assert claim["spec"]["accessModes"] == ["ReadWriteOncePod"]
+    # deployment.yaml's comment names the claim it tells you to mount.
+    text = (DEPLOY / "deployment.yaml").read_text(encoding="utf-8")
+    assert f"claimName: {claim['metadata']['name']}" in text
+
+
+def pre_stop_sleep(pod_spec: dict[str, Any], name: str) -> float:
+    hook = container(pod_spec, name).get("lifecycle", {}).get("preStop", {})
+    return float(hook.get("sleep", {}).get("seconds", 0))
+
+
+def test_grace_period_covers_the_drain(config: dict[str, Any], pod_spec: dict[str, Any]) -> None:
     shutdown = duration_seconds(config["sidecar"]["shutdownTimeout"])
     grace = pod_spec["terminationGracePeriodSeconds"]
-    drained_at = pre_stop_sleep(SIDECAR) + shutdown
+    drained_at = pre_stop_sleep(pod_spec, SIDECAR) + shutdown
     assert grace > drained_at, "SIGKILL would cut in-flight calls before the drain ends"
+    if "spool" in config["sidecar"]:
+        # Spool deliveries in flight share the drain's deadline; after it the server
+        # waits up to CUT_OFF_GRACE for what is cut off and for the spool file to be
+        # closed (the last delivery outcomes committed). A SIGKILL in that window
+        # loses nothing, but re-sends what was delivered and not yet recorded.
+        server = pytest.importorskip("sidecar.process.server")
+        assert grace >= drained_at + server.CUT_OFF_GRACE, "no room to close the spool"
     # The runtime gets SIGTERM only after the sidecar has drained into it, and
     # still has time to stop before the grace period ends.
-    assert drained_at <= pre_stop_sleep(AGENT) < grace
+    assert drained_at <= pre_stop_sleep(pod_spec, AGENT) < grace
 
 
 @pytest.mark.parametrize("name", [SIDECAR, AGENT])
@@ -665,6 +799,12 @@ SPEC_KEYS: dict[str, Any] = {
         "minSecretLength": LEAF,
         "shutdownTimeout": LEAF,
         "log": {"level": LEAF, "format": LEAF},
+        "spool": {
+            "path": LEAF,
+            "maxEvents": LEAF,
+            "retry": {"initial": LEAF, "max": LEAF, "giveUpAfter": LEAF},
+            "concurrency": LEAF,
+        },
     },
 }
 

@@ -18,6 +18,12 @@ a secret whose file was deleted or emptied is revoked (left out, logged at
 warning with its id), the other secrets stay valid; with none left, hooks
 answer 401 and ``/readyz`` 503 (docs/connections.md). Requests in flight keep the
 runtime they started with (see :mod:`sidecar.app`).
+
+Some keys take effect only on restart: the listen addresses, ``sidecar.workers`` and
+where the spool is (``sidecar.spool.path``, or turning the spool on or off: its file
+is opened once, at start). A reload that changes one is applied for everything else
+and logs a warning naming the key, at every reload while the running process still
+differs from its config.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from aiohttp import web
 from .. import config, tls
 from ..app import State
 from ..settings import Settings
+from ..settings import Spool as SpoolSettings
 from . import fdlimit
 
 log = logging.getLogger("sidecar.reload")
@@ -82,6 +89,43 @@ def _log_revoked(old: Settings, new: Settings) -> None:
             )
     if old.webhooks.secrets and not new.webhooks.secrets:
         log.warning("no webhook secret is left: every hook call answers 401 until one is added")
+
+
+def _warn_spool_change(state: State, configured: SpoolSettings | None) -> None:
+    """The spool file is opened at start and kept (docs/spool.md): a reload that moves
+    the spool or turns it on or off is applied for the rest, and said loudly here.
+    Compared with the spool this process has open, not with the last config loaded,
+    so the warning comes back at each reload until the process is restarted."""
+    running = state.spool.path if state.spool is not None else None
+    wanted = configured.path if configured is not None else None
+    if running == wanted:
+        return
+    extra = {"key": "sidecar.spool.path", "running": running, "configured": wanted}
+    if running is None:
+        log.warning(
+            "sidecar.spool added (path %s): it takes effect on restart; until then this "
+            "process forwards calls directly, without a spool",
+            wanted,
+            extra=extra,
+        )
+    elif wanted is None:
+        log.warning(
+            "sidecar.spool removed: it takes effect on restart; until then this process "
+            "keeps spooling to %s (events left in that file are delivered only by a "
+            "process that runs with a spool at that path)",
+            running,
+            extra=extra,
+        )
+    else:
+        log.warning(
+            "sidecar.spool.path changed from %s to %s: it takes effect on restart; until "
+            "then this process keeps spooling to %s (events left in it are delivered only "
+            "by a process that runs with a spool at that path)",
+            running,
+            wanted,
+            running,
+            extra=extra,
+        )
 
 
 class Reloader:
@@ -156,6 +200,7 @@ class Reloader:
         ):
             if was != now:
                 log.warning("%s changed from %s to %s: it takes effect on restart", key, was, now)
+        _warn_spool_change(self.state, new.spool)
         loaded = None
         if new.tls is not None:
             try:

@@ -1,6 +1,7 @@
 """What ``run`` says when it starts (docs/operations.md): one log line each for the config
 path, the listen addresses, the agents and routes, the upstream and whether it answers
-now, then every security warning ``check-config`` would print.
+now, the spool (when there is one), then every security warning ``check-config`` would
+print.
 
 An operator reading the first lines of a pod's log should see where the config came
 from, what it serves and what is wrong with it, before the first call fails. Under
@@ -15,12 +16,21 @@ import socket
 
 from .. import config
 from ..settings import Settings, Upstream
+from ..spool.store import sqlite_temp_dir
 
 log = logging.getLogger("sidecar")
 
 # The upstream check must never hold up the start for long: a runtime that is not up
 # yet is normal (it may start after the sidecar), it only earns a warning.
 PROBE_TIMEOUT = 1.0
+
+
+NO_TEMP_DIR = (
+    "SQLite has no writable directory for temporary files (a read-only root file system "
+    "without /tmp?): large transactions, such as a burst of big calls or a replay of many "
+    "dead letters, will fail with 503 spool_unavailable; set SQLITE_TMPDIR to a writable "
+    "directory, e.g. the spool's own"
+)
 
 
 def upstream_problem(upstream: Upstream, timeout: float = PROBE_TIMEOUT) -> str | None:
@@ -64,5 +74,12 @@ def log_startup(settings: Settings) -> None:
         log.info("upstream %s: answering", where, extra=fields)
     else:
         log.warning("upstream %s: not answering (%s)", where, problem, extra=fields)
+    if s.spool is not None:
+        spool_problem = None if (temp := sqlite_temp_dir()) is not None else NO_TEMP_DIR
+        extra = {"spool": str(s.spool.path), "tempDir": temp}
+        if spool_problem is None:
+            log.info("spool %s (temporary files in %s)", s.spool.path, temp, extra=extra)
+        else:
+            log.warning("spool %s: %s", s.spool.path, spool_problem, extra=extra)
     for warning in config.security_warnings(settings):
         log.warning("%s", warning, extra={"securityWarning": True})

@@ -149,6 +149,15 @@ def replays(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT value FROM meta WHERE name = 'replays'").fetchone()[0])
 
 
+def probe(conn: sqlite3.Connection) -> None:
+    """A write that really changes a row (SQLite writes nothing for a row rewritten with
+    the same values): after a disk error, does a commit get through again?"""
+    conn.execute(
+        "INSERT INTO meta (name, value) VALUES ('probe', 1) "
+        "ON CONFLICT (name) DO UPDATE SET value = value + 1"
+    )
+
+
 def take_lease(owner: str, ttl: float) -> Callable[[sqlite3.Connection], bool]:
     """Become (or stay) the one deliverer of the file: True when ``owner`` holds the lease
     for ``ttl`` seconds from now. Taken over only once the holder let it lapse."""

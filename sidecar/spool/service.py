@@ -54,6 +54,7 @@ class Spool:
         assert spool is not None
         self.path = spool.path
         self._settings = settings
+        self._last = spool
         self.metrics = metrics
         self.store = Store(spool.path, spool.max_events)
         loop = asyncio.get_running_loop()
@@ -66,13 +67,22 @@ class Spool:
             self.store, self.spool_settings, forwarder, draining, metrics.delivery
         )
         self.full = False
-        self.healthy = True  # the last write succeeded
         self._stats_task: asyncio.Task[None] | None = None
 
+    @property
+    def healthy(self) -> bool:
+        """The disk takes writes: false from a failed commit until one gets through."""
+        return self.store.writable
+
     def spool_settings(self) -> SpoolSettings:
+        """The live settings: ``maxEvents``, ``retry`` and ``concurrency`` follow a reload.
+        The file is the one opened at start (:attr:`path`): a reload that moves or removes
+        the spool takes effect on restart (the reloader warns), and until then the last
+        settings that had a spool stay in force."""
         spool = self._settings().sidecar.spool
-        assert spool is not None  # a reload cannot remove it: see reload's check
-        return spool
+        if spool is not None:
+            self._last = spool
+        return self._last
 
     async def accept(self, call: Call, forward: BaseForwarder) -> str:
         """Commit ``call``'s upstream request; its eventId once it is on disk. Raises
@@ -108,14 +118,12 @@ class Spool:
                 {"Retry-After": RETRY_AFTER_FULL},
             ) from None
         except SpoolUnavailable:
-            self.healthy = False
             raise Reject(
                 503,
                 "spool_unavailable",
                 "the spool cannot store the call now; retry later",
                 {"Retry-After": RETRY_AFTER_UNAVAILABLE},
             ) from None
-        self.healthy = True
         self.full = False
         self.deliverer.poke()
         return event_id
@@ -134,12 +142,18 @@ class Spool:
 
     async def _stats(self) -> None:
         """Refresh the gauges. Only the delivering process reports the file's numbers (the
-        others report 0), so a sum over ``sidecar.workers`` counts each event once."""
+        others report 0), so a sum over ``sidecar.workers`` counts each event once.
+
+        After a disk error, each round first tries a small real write: readiness must
+        turn 200 again by itself once space is freed, because a pod that is not ready
+        gets no calls (an accept that succeeds would never come)."""
         while True:
             try:
+                if not self.store.writable:
+                    await self.store.run(queries.probe)
                 stats = await self.store.run(_gauges)
             except SpoolUnavailable:
-                self.healthy = False
+                pass  # the store is marked not writable: /readyz says "unavailable"
             else:
                 pending, dead, oldest = stats
                 self.full = pending + dead >= self.spool_settings().max_events

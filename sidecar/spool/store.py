@@ -7,7 +7,10 @@ and only then resolves the callers' futures. With ``synchronous=FULL`` in WAL mo
 the commit is one fsync of the WAL, shared by every call that was waiting: group
 commit. A failed statement or commit (read-only file, full disk, I/O error) rolls
 the batch back and fails every caller in it with :class:`SpoolUnavailable`: no call
-is ever answered 200 without its commit.
+is ever answered 200 without its commit. It also marks the store not
+:attr:`Store.writable` until a later commit changes a row again: that is how the
+spool's readiness learns that the disk takes writes again once space is freed,
+without a restart (``Spool._stats`` probes with such a commit).
 
 Several processes may open one file (``sidecar.workers``): SQLite's own locks
 serialise their transactions (``busy_timeout``), and readers (the CLI) are never
@@ -216,6 +219,10 @@ class Store:
         self._closed = False
         self.commits = 0  # transactions that wrote something: one WAL fsync each
         self.committed_ops = 0  # operations they carried
+        # False from a failed transaction until a commit that changed a row (one that
+        # changes nothing writes nothing, so it proves nothing about the disk). Written
+        # by the writer thread, read by the event loop: a plain bool is enough.
+        self.writable = True
         self.on_commit: Callable[[float, int], None] | None = None
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._thread.start()
@@ -287,6 +294,7 @@ class Store:
             )
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            self.writable = False
             # A full disk: fold the WAL into the database and cut it to zero, so space the
             # deliveries free (deleted events) can be written again.
             with contextlib.suppress(sqlite3.Error):
@@ -299,6 +307,9 @@ class Store:
             self.committed_ops += len(results)
             if self.on_commit is not None:
                 self.on_commit(time.perf_counter() - started, len(results))
+            if not self.writable:
+                self.writable = True
+                log.info("spool writes succeed again", extra={"path": str(self.path)})
         _settle(results)
 
 
@@ -364,6 +375,26 @@ def _settle_async(outcomes: list[Outcome]) -> None:
             future.set_exception(exc)
         else:
             future.set_result(result)
+
+
+# Where SQLite's Unix VFS puts temporary files (os_unix.c, unixTempFileDir): the first
+# of $SQLITE_TMPDIR, $TMPDIR and these that is a directory this process may write.
+SQLITE_TEMP_DIRS = ("/var/tmp", "/usr/tmp", "/tmp", ".")  # noqa: S108 - only checked, never written
+
+
+def sqlite_temp_dir() -> str | None:
+    """The directory SQLite will use for temporary files, or None when it has none.
+
+    The spool needs one: a transaction that outgrows SQLite's memory (a group commit of
+    many large calls, a replay of many dead letters) spills to a temporary file, and
+    without a writable directory it fails ("disk I/O error", answered 503
+    spool_unavailable). A container with a read-only root file system and nothing
+    mounted on /tmp has none: set SQLITE_TMPDIR to a writable directory."""
+    env = (os.environ.get("SQLITE_TMPDIR"), os.environ.get("TMPDIR"))
+    for folder in (*env, *SQLITE_TEMP_DIRS):
+        if folder and os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
+            return folder
+    return None
 
 
 def counts(conn: sqlite3.Connection) -> tuple[int, int]:

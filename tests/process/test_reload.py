@@ -260,6 +260,61 @@ async def test_restart_only_changes_are_named_as_needing_a_restart(
             assert server.state.settings.sidecar.workers == 2  # the rest of the config applies
 
 
+# The spool file is opened once, at start (docs/spool.md): moving it, or turning the spool
+# on or off, needs a restart. A reload that does it is applied for everything else, says
+# so at warning, and leaves the process with the spool it started with.
+SPOOL_CHANGES = {
+    "path": ("a.db", "b.db", "sidecar.spool.path changed from"),
+    "added": (None, "b.db", "sidecar.spool added"),
+    "removed": ("a.db", None, "sidecar.spool removed"),
+}
+
+
+@pytest.mark.parametrize("change", list(SPOOL_CHANGES))
+async def test_spool_changes_are_named_as_needing_a_restart(
+    runtime: Runtime, short_tmp: Path, caplog: pytest.LogCaptureFixture, change: str
+) -> None:
+    before, after, message = SPOOL_CHANGES[change]
+    doc = listening_doc(runtime.path)
+    if before is not None:
+        doc["sidecar"]["spool"] = {"path": str(short_tmp / before)}
+    async with running_server(short_tmp, doc) as (server, _):
+        changed = json.loads(json.dumps(doc))
+        changed["sidecar"].pop("spool", None)
+        if after is not None:
+            changed["sidecar"]["spool"] = {"path": str(short_tmp / after), "maxEvents": 5}
+        changed["webhooks"]["agents"]["other-agent"] = {}  # the rest of the config applies
+        write_config(short_tmp, changed)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sidecar.reload"):
+            assert await server.reload()
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(message in m and "takes effect on restart" in m for m in warned), warned
+        assert "other-agent" in server.state.settings.webhooks.agents
+        # Still the mode and the file it started with, and no call breaks on the change.
+        for agent in ("my-agent", "other-agent"):
+            status, _, body = await post(
+                public_url(doc, path="/hooks/agent"), {"agent": agent, "message": "hi"}
+            )
+            assert status == 200, body
+            assert ("eventId" in body) == (before is not None), body
+        if after is not None:
+            assert not (short_tmp / after).exists(), "the new file is opened on restart"
+        if before is not None:
+            spool = server.state.spool
+            assert spool is not None
+            assert spool.path == short_tmp / before
+            # maxEvents, retry and concurrency do follow a reload; without a spool block
+            # in the new config, the last ones stay.
+            assert spool.spool_settings().max_events == (5 if after is not None else 100000)
+            await until(lambda: len(runtime.calls) == 2)  # delivered from the old file
+        # Said again at every reload while it still differs: not a one-off line to miss.
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sidecar.reload"):
+            assert await server.reload()
+        assert any(message in r.getMessage() for r in caplog.records)
+
+
 # ---------------------------------------------------------------- a real process
 
 

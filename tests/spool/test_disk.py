@@ -175,3 +175,123 @@ def test_unusable_file_is_exit_2_naming_the_path_and_left_alone(
     assert path.read_bytes() == before  # never deleted nor rewritten
     cli = spool_cli(config, "stats")
     assert cli.returncode == 2 and str(path) in cli.stderr
+
+
+# SQLite's WAL grows by about five 4 KiB pages per commit and is folded back into the
+# database only at 1000 pages (~4 MiB): a disk must be large next to that, or the spool
+# fills any freed space again by itself. docs/spool.md asks for that much headroom.
+RECOVERY_DISK = "24m"
+BALLAST = 8 * 1024 * 1024  # what the operator frees
+BIG_MESSAGE = "z" * 30000
+
+
+@pytest.mark.parametrize(
+    "workers",
+    [
+        1,
+        # A worker that does not hold the delivery lease writes nothing by itself: it
+        # finds out that the disk takes writes again only by probing (spool.service).
+        pytest.param(2, marks=pytest.mark.slow),
+    ],
+)
+async def test_full_disk_recovers_once_space_is_freed_without_a_restart(
+    short_tmp: Path,
+    recorder: RecordingRuntime,
+    sidecars: Callable[..., SpoolSidecar],
+    workers: int,
+) -> None:
+    """The disk fills (the spool grows next to a ballast file), the sidecar answers 503
+    spool_unavailable and turns not ready. The ballast is deleted, and the SAME process
+    turns ready again by itself (in Kubernetes a pod that is not ready gets no calls, so
+    waiting for an accept to succeed would never end), accepts with 200, and once the
+    runtime is back every call answered 200 arrives under its own Idempotency-Key."""
+    await recorder.stop()  # nothing leaves the spool while the disk fills
+    with tmpfs(short_tmp / "disk", f"size={RECOVERY_DISK}") as folder:
+        ballast = folder / "ballast"
+        ballast.write_bytes(b"\0" * BALLAST)
+        doc = spool_doc(short_tmp, path=str(folder / "spool.db"))
+        if workers > 1:
+            doc["sidecar"]["workers"] = workers
+        sidecar = sidecars(short_tmp, doc).start(timeout=30)
+        await until(lambda: sidecar.admin("/readyz")[0] == 200, timeout=30)
+        pids = _worker_pids(sidecar)
+        answered: dict[str, str] = {}  # requestId -> eventId of every 200
+        refused: list[str] = []  # requestIds answered 503
+
+        async def call() -> int:
+            status, _, body = await post(
+                sidecar.url + "/hooks/agent", {"agent": AGENT, "message": BIG_MESSAGE}
+            )
+            assert status in (200, 503), body
+            if status == 200:
+                answered[body["requestId"]] = body["eventId"]
+            else:
+                assert body["error"] == "spool_unavailable", body
+                refused.append(body["requestId"])
+            return status
+
+        for _ in range(2000):
+            if await call() == 503 and len(refused) >= 2 * workers:
+                break  # each call on a fresh connection: every worker gets some
+        assert refused, "the disk never filled"
+        before = dict(answered)
+        assert len(before) > 100, "the spool filled the disk, not the ballast"
+        # Not ready, for the disk: "spool unavailable", or "worker N: spool unavailable".
+        await until(lambda: sidecar.admin("/readyz")[0] == 503)
+        assert sidecar.admin("/readyz")[1]["reason"].endswith("spool unavailable")
+
+        ballast.unlink()  # space is free again; the sidecar is not restarted
+        # Ready again with no call in between: readiness finds out by itself.
+        await until(lambda: sidecar.admin("/readyz")[0] == 200)
+        for _ in range(5):
+            assert await call() == 200
+        assert sidecar.proc is not None and sidecar.proc.poll() is None, "never restarted"
+        assert _worker_pids(sidecar) == pids, "no worker was restarted either"
+
+        await recorder.start()
+        await until(
+            lambda: set(answered) <= {c["body"]["requestId"] for c in recorder.delivered},
+            timeout=60,
+        )
+        for request_id, event_id in answered.items():
+            # Exactly its own key, however often it was tried.
+            assert recorder.keys_of(request_id) == {f"evt:{event_id}"}, request_id
+        # A 503 is a transaction rolled back: that call is not in the spool, never sent.
+        assert {c["body"]["requestId"] for c in recorder.calls}.isdisjoint(refused)
+        # And the deliveries were recorded: the spool empties.
+        await until(lambda: json.loads(sidecar.cli("stats", "--json").stdout)["pending"] == 0)
+        assert sidecar.proc.poll() is None
+
+
+def _worker_pids(sidecar: SpoolSidecar) -> set[int]:
+    """The processes serving: the one process, or the supervisor's workers."""
+    assert sidecar.proc is not None
+    children = Path(f"/proc/{sidecar.proc.pid}/task/{sidecar.proc.pid}/children")
+    return {sidecar.proc.pid, *(int(p) for p in children.read_text().split())}
+
+
+def test_start_warns_when_sqlite_has_no_temporary_directory(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read-only root file system with nothing on /tmp (deploy/ without SQLITE_TMPDIR):
+    large transactions would fail later, so the start says so now, and how to fix it."""
+    from sidecar import config
+    from sidecar.process import startup
+    from sidecar.spool import store
+
+    settings = config.load(write_config(short_tmp, spool_doc(short_tmp)))
+    monkeypatch.delenv("TMPDIR", raising=False)
+    monkeypatch.setenv("SQLITE_TMPDIR", str(short_tmp / "absent"))
+    monkeypatch.setattr(store, "SQLITE_TEMP_DIRS", (str(short_tmp / "also-absent"),))
+    assert store.sqlite_temp_dir() is None
+    with caplog.at_level("INFO", logger="sidecar"):
+        startup.log_startup(settings)
+    [line] = [r for r in caplog.records if r.getMessage().startswith("spool ")]
+    assert line.levelname == "WARNING" and "SQLITE_TMPDIR" in line.getMessage()
+    # With SQLITE_TMPDIR on a writable folder (what deploy/ sets): one line at info.
+    monkeypatch.setenv("SQLITE_TMPDIR", str(short_tmp))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sidecar"):
+        startup.log_startup(settings)
+    [line] = [r for r in caplog.records if r.getMessage().startswith("spool ")]
+    assert line.levelname == "INFO" and str(short_tmp) in line.getMessage()
