@@ -35,7 +35,9 @@ from .responses import INTERNAL_ERROR, answer_response, error_response, ok_respo
 from .routes import guards as signed
 from .routes import profile_for
 from .settings import Route, Settings
+from .spool.dedup import SqliteDedup
 from .spool.service import Spool
+from .spool.store import Store
 from .store import DedupStore, MemoryDedupStore, open_dedup_store
 from .upstream import make_forwarder, make_pool
 from .upstream.base import BaseForwarder
@@ -159,7 +161,10 @@ class State:
         store = self.dedup_store
         dedup_config = settings.sidecar.dedup
         if store is None or store.backend != dedup_config.backend:
-            store = open_dedup_store(dedup_config.backend, dedup_config.max_entries)
+            if dedup_config.backend == "sqlite":  # in the spool's file (docs/dedup.md)
+                store = SqliteDedup(self._spool_store)
+            else:
+                store = open_dedup_store(dedup_config.backend, dedup_config.max_entries)
         try:
             guards = tuple(pipeline(settings, self, limiter, store))
             routes = {
@@ -189,6 +194,13 @@ class State:
         secrets = [*settings.webhooks.secrets]
         secrets += [s for r in settings.webhooks.routes.values() for s in r.secrets]
         self.secret_texts = frozenset(s.value.decode("latin-1") for s in secrets)
+
+    def _spool_store(self) -> Store:
+        """The spool file the ``sqlite`` dedup backend lives in. The config accepts that
+        backend only with a spool, which is open before the first call is served and
+        stays open (a reload that removes the spool takes effect on restart)."""
+        assert self.spool is not None, "the sqlite dedup backend needs sidecar.spool"
+        return self.spool.store
 
     def cut_off(self) -> int:
         """Cancel every call still in flight (the drain deadline passed); returns how many."""

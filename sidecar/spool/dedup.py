@@ -19,16 +19,19 @@ SWEEP = 32  # expired rows removed per claim, at most
 
 
 class SqliteDedup:
-    """A :class:`~sidecar.store.base.DedupStore` in the spool file of ``store``."""
+    """A :class:`~sidecar.store.base.DedupStore` in the spool file ``store()`` returns.
+
+    ``store`` is asked at each call, not when the guards are built: the server builds
+    its guards before it opens the spool, and serves no call until both are done."""
 
     backend = "sqlite"
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Callable[[], Store]) -> None:
         self.store = store
 
     async def _run(self, op: Callable[[sqlite3.Connection], Claim | None]) -> Claim | None:
         try:
-            return await self.store.run(op)
+            return await self.store().run(op)
         except SpoolUnavailable as exc:
             raise DedupUnavailable(str(exc)) from None
 
