@@ -104,14 +104,16 @@ def _list(args: argparse.Namespace, conn: sqlite3.Connection, path: Path) -> int
         for event in events:
             print(json.dumps(event))
         return EXIT_OK
-    print("ID                               STATE   ENDPOINT AGENT / SESSION  ATTEMPTS AGE  ERROR")
+    header = ("ID", "STATE", "ENDPOINT", "AGENT", "SESSION", "ATTEMPTS", "AGE", "LAST ERROR")
+    rows: list[tuple[str, ...]] = [header]
     for e in events:
+        error = "-" if e["lastError"] is None else f"{e['lastStatus'] or ''} {e['lastError']}"
         where = f"route:{e['route']}" if e["endpoint"] == "route" else e["endpoint"]
-        error = "" if e["lastError"] is None else f"{e['lastStatus'] or '-'} {e['lastError']}"
-        print(
-            f"{e['id']} {e['state']:<7} {where:<8} {e['agent']} / {e['sessionKey']}  "
-            f"{e['attempts']} {e['ageSeconds']:.0f}s {error}"
-        )
+        cells = (e["id"], e["state"], where, e["agent"], e["sessionKey"], e["attempts"])
+        rows.append((*map(str, cells), f"{e['ageSeconds']:.0f}s", error.strip()))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    for row in rows:  # aligned columns; the last one (the error) as long as it is
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1])
     return EXIT_OK
 
 
