@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,32 @@ class Interrupted(Exception):
 
 def on_signal(signum: int, frame: Any) -> None:
     raise Interrupted(signal.Signals(signum).name)
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def catch_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted`, so a bench stops every
+    child it started (SIGINT too: a shell starting us in the background may have set it
+    to "ignore")."""
+    for sig in SIGNALS:
+        signal.signal(sig, on_signal)
+
+
+def guarded(body: Callable[[], int], stop_all: Callable[[], None]) -> int:
+    """``body()``'s exit code; 130 when interrupted, 1 on an error (logged). Whatever
+    happens, ``stop_all()`` runs, with the signals ignored: a second Ctrl-C must not
+    cut the cleanup short."""
+    try:
+        return body()
+    except (KeyboardInterrupt, Interrupted) as e:
+        log(f"\ninterrupted ({e or 'SIGINT'}): stopping everything")
+        return 130
+    except Exception as e:
+        log(f"error: {e}")
+        return 1
+    finally:
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        stop_all()

@@ -37,7 +37,6 @@ import platform
 import re
 import secrets
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -485,21 +484,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, {args.client_cpu})
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, procs.on_signal)
+    procs.catch_signals()
     h = harness.Harness(args.keep_tmp, args.nice)
-    try:
-        return soak(h, args)
-    except (KeyboardInterrupt, procs.Interrupted) as e:
-        log(f"\ninterrupted ({e or 'SIGINT'}): stopping everything")
-        return 130
-    except Exception as e:
-        log(f"error: {e}")
-        return 1
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        h.stop_all()
+    return procs.guarded(lambda: soak(h, args), h.stop_all)
 
 
 if __name__ == "__main__":

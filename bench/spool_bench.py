@@ -79,12 +79,12 @@ from harness import (  # noqa: E402
 )
 from procs import (  # noqa: E402
     CLK_TCK,
-    Interrupted,
+    catch_signals,
     core_times,
     cpu_ticks,
     family_pids,
+    guarded,
     log,
-    on_signal,
     status_kb,
     truncate_log,
 )
@@ -524,13 +524,13 @@ def main() -> int:
             return 1
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, {args.client_cpu})  # the harness itself off the server core
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    catch_signals()
     h = Harness(args.keep_tmp)
     secret = secrets.token_hex(32)
     ports: set[int] = set()
     flags = Flags()
-    try:
+
+    def body() -> int:
         fs = filesystem(h.tmp)
         log(f"temp dir {h.tmp} on {fs['device']} ({fs['type']}, mounted at {fs['mount']})")
         cmd, env, how = resolve_sidecar(args, h.tmp)
@@ -728,16 +728,8 @@ def main() -> int:
         if flags:
             return 3
         return 0 if all(t["met"] for t in result["targets"].values()) else 4
-    except (KeyboardInterrupt, Interrupted) as e:
-        log(f"\ninterrupted ({e or 'SIGINT'}): stopping everything")
-        return 130
-    except Exception as e:
-        log(f"error: {e}")
-        return 1
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        h.stop_all()
+
+    return guarded(body, h.stop_all)
 
 
 def _met(value: float, op: str, goal: float) -> bool:
