@@ -20,6 +20,7 @@ from support.common import (
     base_doc,
     write_config,
 )
+from support.fake_gateway import FakeGateway
 from support.openclaw import install as openclaw_install
 from support.redis_server import RedisServer, running_redis_server
 
@@ -53,6 +54,16 @@ async def runtime(short_tmp: Path) -> AsyncIterator[Runtime]:
     await rt.start()
     yield rt
     await rt.stop()
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[FakeGateway]:
+    """The fake OpenClaw gateway (support/fake_gateway.py). Modules that test against
+    the real gateway define a ``gateway`` fixture of their own, which wins there."""
+    gw = FakeGateway()
+    await gw.start()
+    yield gw
+    await gw.stop()
 
 
 @pytest.fixture

@@ -4,21 +4,12 @@ the forward protocol's X-Webhook-Route, and the openclaw protocol's exact header
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.fake_gateway import TOKEN, FakeGateway, openclaw_doc
 from support.senders import GH_SECRET, GITHUB_PUSH, deliver, encode, github_headers, route
-
-
-@pytest.fixture
-async def gateway() -> AsyncIterator[FakeGateway]:
-    gw = FakeGateway()
-    await gw.start()
-    yield gw
-    await gw.stop()
 
 
 @pytest.mark.parametrize("action", ["agent", "wake"])

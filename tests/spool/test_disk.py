@@ -75,10 +75,14 @@ async def test_file_size_limit_gives_spool_unavailable_never_a_200_without_commi
             answered.append(body["eventId"])
         else:
             assert body["error"] == "spool_unavailable"
+    kill_and_check_answered_on_disk(sidecar, answered)
+
+
+def kill_and_check_answered_on_disk(sidecar: SpoolSidecar, answered: list[str]) -> None:
+    """SIGKILL the sidecar, then read its file: every call answered 200 is in it."""
     assert sidecar.proc is not None
     sidecar.proc.kill()
     sidecar.wait()
-    # Every call answered 200 is in the file.
     listed = spool_cli(sidecar.config_path, "list", "--json", "--limit", "100000")
     assert listed.returncode == 0, listed.stderr
     on_disk = {json.loads(line)["id"] for line in listed.stdout.splitlines()}
@@ -128,14 +132,7 @@ async def test_full_disk_gives_spool_unavailable_never_a_200_without_commit(
             answered.append(body["eventId"])
         assert refused is not None and refused["error"] == "spool_unavailable", refused
         await until(lambda: sidecar.admin("/readyz")[0] == 503)
-        assert sidecar.proc is not None
-        sidecar.proc.kill()
-        sidecar.wait()
-        # Every call answered 200 is in the file.
-        listed = spool_cli(sidecar.config_path, "list", "--json", "--limit", "100000")
-        assert listed.returncode == 0, listed.stderr
-        on_disk = {json.loads(line)["id"] for line in listed.stdout.splitlines()}
-        assert set(answered) <= on_disk
+        kill_and_check_answered_on_disk(sidecar, answered)
 
 
 def _sqlite_file(path: Path, user_version: int, application_id: int, table: str) -> None:

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +34,6 @@ from sidecar.upstream import make_forwarder, make_pool
 from sidecar.upstream import openclaw as oc
 from sidecar.upstream.forward import Forwarder
 from sidecar.upstream.pool import UpstreamConnectError
-
-
-@pytest.fixture
-async def gateway() -> AsyncIterator[FakeGateway]:
-    gw = FakeGateway()
-    await gw.start()
-    yield gw
-    await gw.stop()
 
 
 @pytest.fixture
