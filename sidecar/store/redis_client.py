@@ -163,7 +163,7 @@ class RedisBackend:
     PREFIX = ""
     WHAT = ""
     COUNT = "failedCalls"
-    UNAVAILABLE: type[Exception] = ConnectionError
+    UNAVAILABLE: type[Exception]  # each backend names its own (LimiterUnavailable, ...)
     logger: logging.Logger
 
     def __init__(
