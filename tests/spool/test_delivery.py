@@ -160,7 +160,13 @@ async def test_give_up_after_moves_to_dead_letters(
     await until(lambda: json.loads(sidecar.cli("stats", "--json").stdout)["dead"] == 1, 10)
     dead = json.loads(sidecar.cli("list", "--dead", "--json").stdout)
     assert dead["lastStatus"] == 503 and "gave up" in dead["lastError"]
-    assert dead["attempts"] >= 3
+    # A 503 is retried (a 4xx would be dead after one attempt), always with the same
+    # key, and the event is given up only once giveUpAfter has passed. How many
+    # retries fit into that second depends on the machine's load, so it is not counted.
+    calls = recorder.calls
+    assert dead["attempts"] == len(calls) >= 2
+    assert {call["key"] for call in calls} == {f"evt:{dead['id']}"}
+    assert calls[-1]["time"] - calls[0]["time"] >= 0.1  # at least one backoff apart
 
 
 async def test_full_spool_refuses_with_retry_after_and_keeps_what_it_has(
