@@ -156,13 +156,18 @@ def test_wrk_counts_refusals_with_another_error_code(tmp_path: Path) -> None:
 )
 def test_dedup_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "dedup.json"
-    r = bench("dedup_bench.py", "--rounds", "1", "--duration", "1", "--json", str(out))
+    r = bench(
+        "dedup_bench.py",
+        *("--rounds", "1", "--duration", "1", "--instances", "2", "--max-entries", "500"),
+        *("--json", str(out)),
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     doc = json.loads(out.read_text())
     names = {"nodedup-key", "memory-key", "redis-key", "memory-nokey", "memory-other"}
     assert set(doc["runs"]) == names and all(doc["runs"][n][0] > 0 for n in names)
     assert set(doc["ratios"]) == {f"{n} / nodedup-key" for n in names - {"nodedup-key"}}
     assert all(0 < ratio["cpu"] < 10 for ratio in doc["ratios"].values())
+    assert [len(doc["by_process"][n]) for n in ("memory-key", "nodedup-key")] == [2, 2]
 
 
 @needs_wrk

@@ -68,11 +68,15 @@ class MemoryDedupStore:
             if -deadline > now:
                 return Claim.IN_FLIGHT
         deadlines = self._deadlines
-        if deadlines and deadlines[0] <= now:  # the oldest have expired: free their room
-            self._forget_oldest()
-            if deadlines and deadlines[0] <= now:  # two a claim: amortised O(1)
+        # The oldest record goes when it has expired or its room is needed: inline, as
+        # a full table (the steady state of a busy sidecar) evicts on every claim.
+        if deadlines and (deadlines[0] <= now or len(entries) >= self.max_entries):
+            oldest = self._order.popleft()
+            if entries.get(oldest) is deadlines.popleft():  # not completed again since
+                del entries[oldest]
+            if deadlines and deadlines[0] <= now:  # two a claim: expiry keeps up
                 self._forget_oldest()
-        if len(entries) >= self.max_entries:
+        if len(entries) >= self.max_entries:  # records were stale, or all in flight
             self._make_room(1)
         entries[key] = -(now + in_flight_ttl)
         return Claim.NEW
@@ -114,7 +118,7 @@ class MemoryDedupStore:
         """Drop the oldest record, and its id unless it was completed again since."""
         key = self._order.popleft()
         deadline = self._deadlines.popleft()
-        if self._entries.get(key) == deadline:
+        if self._entries.get(key) is deadline:  # the very float finish_now stored
             del self._entries[key]
 
     def _make_room(self, room: int) -> None:
