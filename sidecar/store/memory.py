@@ -68,12 +68,10 @@ class MemoryDedupStore:
             if -deadline > now:
                 return Claim.IN_FLIGHT
         deadlines = self._deadlines
-        # The oldest record goes when it has expired or its room is needed: inline, as
-        # a full table (the steady state of a busy sidecar) evicts on every claim.
+        # The oldest record goes when it has expired or its room is needed: one call
+        # here, as a full table (the steady state of a busy sidecar) evicts on every claim.
         if deadlines and (deadlines[0] <= now or len(entries) >= self.max_entries):
-            oldest = self._order.popleft()
-            if entries.get(oldest) is deadlines.popleft():  # not completed again since
-                del entries[oldest]
+            self._forget_oldest()
             if deadlines and deadlines[0] <= now:  # two a claim: expiry keeps up
                 self._forget_oldest()
         if len(entries) >= self.max_entries:  # records were stale, or all in flight
