@@ -302,8 +302,9 @@ async def handle(state: State, request: web.BaseRequest) -> web.StreamResponse:
         if call.finalizers:
             for done in call.finalizers:
                 done()
-    if call.claim is not None:  # the one place a held dedup id is remembered or forgotten
-        pending = call.claim(response.status == 200)
+    finish = call.claim
+    if finish is not None:  # the one place a held dedup id is remembered or forgotten
+        pending = finish(call.claim_key, call.claim_ttl, response.status == 200)
         if pending is not None:
             await pending
     return response

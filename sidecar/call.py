@@ -25,10 +25,11 @@ if TYPE_CHECKING:
 Guard = Callable[["Call"], Awaitable[None] | None]
 
 
-# Finishes the dedup id a call holds (guards/dedup.py): ``app.handle`` calls it once,
-# with whether the answer was a 200, when the answer is known or the call is cut off.
-# It may return an awaitable (a shared backend's round trip).
-Finish = Callable[[bool], Awaitable[None] | None]
+# Finishes the dedup id a call holds (guards/dedup.py): ``app.handle`` calls it once, as
+# ``call.claim(call.claim_key, call.claim_ttl, answered_ok)``, when the answer is known
+# or the call is cut off. It may return an awaitable (a shared backend's round trip).
+# One callable per store, not one object per call: the id and its time are the call's.
+Finish = Callable[[str, float, bool], Awaitable[None] | None]
 
 
 # The hooks, by their exact decoded path (docs/http-api.md): nothing else routes.
@@ -51,6 +52,8 @@ class Call:
         "audit_extra",
         "body",
         "claim",
+        "claim_key",
+        "claim_ttl",
         "client_addr",
         "client_ip",
         "delivery_id",
@@ -101,7 +104,11 @@ class Call:
         # Sent upstream as Idempotency-Key when set: the client's own key, or a route's
         # "<route>:<delivery id>" (docs/upstream.md).
         self.idempotency_key: str | None = None
-        self.claim: Finish | None = None  # the dedup id this call holds (docs/dedup.md)
+        # The dedup id this call holds (docs/dedup.md): set, with the two after it, by
+        # guards/dedup.py only, so the calls without one do not pay for them.
+        self.claim: Finish | None = None
+        self.claim_key: str  # the id
+        self.claim_ttl: float  # how long it is remembered once answered with a 200
         # Audit keys beyond the fixed ones (docs/audit-log.md), e.g. route, deliveryId.
         self.audit_extra: dict[str, object] | None = None
 

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import NoReturn
 
-from ..call import Answer, Call, Guard, Reject
+from ..call import Answer, Call, Finish, Guard, Reject
 from ..metrics import Metrics
 from ..settings import Settings
 from ..store import Claim, DedupStore, DedupUnavailable, MemoryDedupStore
@@ -72,7 +72,7 @@ def abandon(call: Call) -> None:
     when the backend needs a round trip (the call's own task is being cancelled)."""
     if call.claim is None:
         return
-    pending = call.claim(False)
+    pending = call.claim(call.claim_key, call.claim_ttl, False)
     if pending is not None:
         task = asyncio.ensure_future(pending)
         _releasing.add(task)
@@ -85,9 +85,15 @@ def dedup(settings: Settings, store: DedupStore, metrics: Metrics) -> Guard:
     Calls with neither pay one attribute test and no coroutine.
     """
     in_flight_ttl = settings.sidecar.upstream.timeout + IN_FLIGHT_MARGIN
-    memory = store if isinstance(store, MemoryDedupStore) else None
-    # Bound once: the hot path below runs on every keyed call.
-    memory_ops = None if memory is None else (memory.claim_now, memory.finish_now)
+    # The memory backend (the default) is called in the guard's own frame, without a
+    # coroutine; a keyed call then costs one store call to claim and one to finish,
+    # and no object of its own (docs/dedup.md, "Cost").
+    claim_now: Callable[[str, float], Claim] | None
+    finish: Finish
+    if isinstance(store, MemoryDedupStore):
+        claim_now, finish = store.claim_now, store.finish_now
+    else:
+        claim_now, finish = None, partial(_finish, store)
     new = Claim.NEW
 
     def guard(call: Call) -> Awaitable[None] | None:
@@ -102,19 +108,19 @@ def dedup(settings: Settings, store: DedupStore, metrics: Metrics) -> Guard:
             label = route
         else:
             client_key = call.idempotency_key
-            if client_key is None or call.secret is None:
+            secret = call.secret
+            if client_key is None or secret is None:
                 return None
             label = call.endpoint
-            key = f"hook:{call.secret.id}:{label}:{client_key}"
+            key = f"hook:{secret.id}:{label}:{client_key}"
             ttl = HOOK_TTL
-        if memory_ops is not None:  # synchronous, in this frame: the default backend
-            claim_now, finish_now = memory_ops
-            claim = claim_now(key, in_flight_ttl)
-            if claim is new:  # the answer's one call: no object of ours, no frame
-                call.claim = partial(finish_now, key, ttl)
-                return None
+        if claim_now is None:
+            return _claim_shared(call, key, ttl, label)
+        claim = claim_now(key, in_flight_ttl)
+        if claim is not new:
             _duplicate(call, claim, label)  # raises
-        return _claim_shared(call, key, ttl, label)
+        call.claim, call.claim_key, call.claim_ttl = finish, key, ttl
+        return None
 
     async def _claim_shared(call: Call, key: str, ttl: float, label: str) -> None:
         try:
@@ -126,10 +132,9 @@ def dedup(settings: Settings, store: DedupStore, metrics: Metrics) -> Guard:
                 "the dedup backend is unreachable; retry later",
                 {"Retry-After": RETRY_AFTER_UNAVAILABLE},
             ) from None
-        if claim is Claim.NEW:
-            call.claim = partial(_finish, store, key, ttl)
-            return
-        _duplicate(call, claim, label)
+        if claim is not new:
+            _duplicate(call, claim, label)  # raises
+        call.claim, call.claim_key, call.claim_ttl = finish, key, ttl
 
     def _duplicate(call: Call, claim: Claim, label: str) -> NoReturn:
         metrics.duplicate(label)

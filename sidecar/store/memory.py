@@ -1,19 +1,22 @@
 """The ``memory`` dedup backend: ids remembered in this process only (docs/dedup.md).
 
 Bounded: at most ``max_entries`` ids, in flight and done together; when a new one
-needs room, the delivery completed longest ago goes first. Expiry is lazy (no
-background task): an entry past its deadline is treated as absent when it is looked
-up, and the few expired ones at the old end are dropped on each claim.
+needs room, the delivery completed longest ago goes first. (A call whose id had to go
+while it was in flight, which takes ``max_entries`` calls in flight at once, still
+records its answer; the next claim restores the bound.) Expiry is lazy (no background
+task): an entry past its deadline is treated as absent when it is looked up, and the
+few expired ones at the old end are dropped on each claim.
 
 This runs on every keyed call, so every operation is O(1) and touches as little
 memory as it can. One plain dict maps an id to its deadline, with the state in the
 sign: negative while in flight (``-deadline``), positive once done. Beside it, a
 queue of the done ids and their deadlines, in the order they were completed, says
 which id is oldest and whether it has expired without a lookup in the table. An id
-completed again (after it expired or was evicted) leaves its old record behind: a
-record whose deadline no longer matches the table is skipped when it reaches the
-front, and the queue is rebuilt from the table (in its order) if such records ever
-outnumber the live ones.
+claimed again after it expired leaves its old record behind: a record whose deadline
+no longer matches the table is skipped when it reaches the front, and such a claim
+rebuilds the queue from the table (in its order) if stale records could outnumber the
+live ones. Every check of that kind is on these cold paths: a claim of a new id and
+its completion do only what the steady state needs (docs/dedup.md, "Cost").
 
 Nothing kept per id is an object the garbage collector tracks (strings and floats,
 in two queues rather than one queue of tuples), so remembering 100,000 ids does not
@@ -30,6 +33,8 @@ from collections import deque
 from collections.abc import Callable
 
 from .base import Claim
+
+_NEW, _IN_FLIGHT, _DONE = Claim.NEW, Claim.IN_FLIGHT, Claim.DONE
 
 DEFAULT_MAX_ENTRIES = 100_000
 
@@ -64,20 +69,23 @@ class MemoryDedupStore:
         deadline = entries.get(key)
         if deadline is not None:
             if deadline > now:
-                return Claim.DONE
+                return _DONE
             if -deadline > now:
-                return Claim.IN_FLIGHT
-        deadlines = self._deadlines
-        # The oldest record goes when it has expired or its room is needed: one call
-        # here, as a full table (the steady state of a busy sidecar) evicts on every claim.
-        if deadlines and (deadlines[0] <= now or len(entries) >= self.max_entries):
-            self._forget_oldest()
+                return _IN_FLIGHT
+            self._stale_record()  # expired, claimed again: its old record goes stale
+        if len(entries) >= self.max_entries:  # full: the steady state of a busy sidecar
+            if self._order:
+                self._forget_oldest()
+            if len(entries) >= self.max_entries:  # that record was stale, or all in flight
+                self._make_room(1)
+        else:
+            deadlines = self._deadlines
             if deadlines and deadlines[0] <= now:  # two a claim: expiry keeps up
                 self._forget_oldest()
-        if len(entries) >= self.max_entries:  # records were stale, or all in flight
-            self._make_room(1)
+                if deadlines and deadlines[0] <= now:
+                    self._forget_oldest()
         entries[key] = -(now + in_flight_ttl)
-        return Claim.NEW
+        return _NEW
 
     async def claim(self, key: str, in_flight_ttl: float) -> Claim:
         return self.claim_now(key, in_flight_ttl)
@@ -87,19 +95,13 @@ class MemoryDedupStore:
         seconds (a 200), or forget it while it is still in flight (anything else). One
         call, no coroutine: what the guard leaves the call to run on the hot path."""
         entries = self._entries
-        if not answered_ok:
-            if entries.get(key, 0.0) < 0:  # never forget a delivery that is done
-                del entries[key]
-            return
-        deadline = self.clock() + ttl
-        entries[key] = deadline
-        self._order.append(key)
-        self._deadlines.append(deadline)
-        if len(entries) > self.max_entries:  # an id not claimed here (or evicted since)
-            self._make_room(0)
-        if len(self._order) > 2 * len(entries) + 64:  # records of ids completed again
-            self._order = deque(k for k, d in entries.items() if d > 0)
-            self._deadlines = deque(d for d in entries.values() if d > 0)
+        if answered_ok:
+            deadline = self.clock() + ttl
+            entries[key] = deadline
+            self._order.append(key)
+            self._deadlines.append(deadline)
+        elif entries.get(key, 0.0) < 0:  # never forget a delivery that is done
+            del entries[key]
 
     async def complete(self, key: str, ttl: float) -> None:
         self.finish_now(key, ttl, True)
@@ -118,6 +120,15 @@ class MemoryDedupStore:
         deadline = self._deadlines.popleft()
         if self._entries.get(key) is deadline:  # the very float finish_now stored
             del self._entries[key]
+
+    def _stale_record(self) -> None:
+        """An expired id is being claimed again, so its record in the queue will no
+        longer match the table (the only way one goes stale). Rebuild the queue from
+        the table when stale records could outnumber the live ones."""
+        entries = self._entries
+        if len(self._order) > 2 * len(entries) + 64:
+            self._order = deque(k for k, d in entries.items() if d > 0)
+            self._deadlines = deque(d for d in entries.values() if d > 0)
 
     def _make_room(self, room: int) -> None:
         """Evict until ``room`` more ids fit (more than one goes after a reload shrank

@@ -137,3 +137,14 @@ async def test_in_flight_ids_count_toward_the_bound(clock: Clock) -> None:
     assert "done" not in store and len(store) == 2
     assert await store.claim("c", 10) is Claim.NEW  # no done id left: the oldest claim goes
     assert "a" not in store and "b" in store and "c" in store
+
+
+async def test_a_call_whose_id_went_in_flight_still_records_its_answer(clock: Clock) -> None:
+    store = MemoryDedupStore(max_entries=2, clock=clock)
+    for key in ("a", "b", "c"):  # three calls in flight at once: "a" has to go
+        assert await store.claim(key, 10) is Claim.NEW
+    await store.complete("a", 3600)  # its answer is still remembered...
+    assert await store.claim("a", 10) is Claim.DONE
+    assert len(store) == 3
+    assert await store.claim("d", 10) is Claim.NEW  # ...until the next claim needs room
+    assert len(store) == 2 and "a" not in store
