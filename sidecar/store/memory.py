@@ -74,8 +74,12 @@ class MemoryDedupStore:
                 return _IN_FLIGHT
             self._stale_record()  # expired, claimed again: its old record goes stale
         if len(entries) >= self.max_entries:  # full: the steady state of a busy sidecar
-            if self._order:
-                self._forget_oldest()
+            order = self._order
+            if order:  # _forget_oldest, inline: this is every claim of a busy sidecar
+                oldest, its_deadline = order.popleft(), self._deadlines.popleft()
+                deadline = entries.pop(oldest, None)
+                if deadline is not its_deadline and deadline is not None:
+                    entries[oldest] = deadline  # completed again since: it stays
             if len(entries) >= self.max_entries:  # that record was stale, or all in flight
                 self._make_room(1)
         else:
@@ -115,10 +119,11 @@ class MemoryDedupStore:
         self._deadlines.clear()
 
     def _forget_oldest(self) -> None:
-        """Drop the oldest record, and its id unless it was completed again since."""
+        """Drop the oldest record, and its id unless it was completed again since (then
+        the table holds another float than the very one finish_now stored with it)."""
         key = self._order.popleft()
         deadline = self._deadlines.popleft()
-        if self._entries.get(key) is deadline:  # the very float finish_now stored
+        if self._entries.get(key) is deadline:
             del self._entries[key]
 
     def _stale_record(self) -> None:
