@@ -2,35 +2,39 @@
 """What delivery-id dedup adds to a call (docs/dedup.md): throughput side by side.
 
 Sidecars pinned to the server core, in front of bench/runtime.py (pinned there
-too): ``--instances`` processes with the default ``memory`` dedup backend, as many
-of the same tree with the dedup guard left out of its chains (bench/nodedup.py),
-and one with a private redis-server (also on the server core) as its backend.
-wrk on the client core sends the small agent call, in alternation, for
-``--rounds`` rounds:
+too), each started through bench/dedup_switch.py, so one process serves both
+sides of a ratio: ``--instances`` processes with the default ``memory`` dedup
+backend, and one with a private redis-server (also on the server core) as its
+backend. wrk on the client core sends the small agent call, each run ``--duration``
+seconds, for ``--rounds`` rounds:
 
-- ``nodedup-key``: a fresh Idempotency-Key on every call (bench/wrk/dedup.lua),
-  validated and forwarded upstream but never claimed: the baseline;
-- ``memory-key``: the same calls with memory dedup: each key claimed, forwarded,
-  remembered. Each memory process is filled to its bound (``--max-entries``,
-  100,000 by default, the contract's) before the first round, so every measured
-  claim also evicts the id completed longest ago: the steady state of a busy
-  sidecar, and its most expensive;
+- ``skip-key``: a fresh Idempotency-Key on every call, which passes by the dedup
+  guard (``X-Bench-Dedup: skip``): validated and forwarded upstream, never
+  claimed. The baseline, in every process;
+- ``memory-key``: the same calls meeting the guard (``X-Bench-Dedup: keep``): each
+  key claimed, forwarded, remembered. Each memory process is filled to its bound
+  (``--max-entries``, 100,000 by default, the contract's) before the first
+  round, so every measured claim also evicts the id completed longest ago: the
+  steady state of a busy sidecar, and its most expensive;
 - ``redis-key``: the same against the Redis backend (a claim script, then a
   completion script; concurrent calls share a pipeline for each);
 - ``memory-nokey``: no Idempotency-Key (the dedup guard returns at once);
-- ``memory-other``: a fresh value in a header the sidecar ignores: the same bytes
-  as a keyed call, to show the load generator's per-call work costs nothing here.
+- ``memory-other``: a fresh value in a header the sidecar ignores instead of the
+  key: nothing claimed, nothing forwarded.
 
-Why several processes of each: two processes of the same tree and config, started
-one after the other, differ by up to 5% in throughput for as long as they run
-(where their memory landed: address layout, hash seed), which is as large as
-what this bench looks for. A round's figure for a scenario is the mean over its
-processes; the ratios are over ``nodedup-key``, paired by round, medians printed:
-throughput, and the sidecar's CPU time per request, which other load on a shared
-machine disturbs less. The target (issue 15): memory-key >= 0.95 x nodedup-key.
+Why one process for both sides: two processes of the same tree and config,
+started one after the other, differ by up to 5% in throughput for as long as they
+run (where their memory landed: address layout, hash seed), which is as large as
+what this bench looks for. Why short runs in a rotating order: the machine's
+speed drifts by more than that within a minute; a ratio is taken between runs of
+the same process in the same round, seconds apart. Each (process, round) gives
+one ratio per scenario over its ``skip-key`` run: throughput, and the sidecar's
+CPU time per request (which other load on a shared machine disturbs less); the
+medians are printed, overall and by process. The target (issue 15): memory-key
+>= 0.95 x skip-key.
 
-    python bench/dedup_bench.py                  # 3 processes each, 3 rounds x 5 s
-    python bench/dedup_bench.py --rounds 5 --instances 4
+    python bench/dedup_bench.py                  # 3 + 1 processes, 6 rounds x 2 s
+    python bench/dedup_bench.py --rounds 10 --instances 4
 
 Needs wrk, taskset, redis-server; Linux. Reuses bench/run.py's harness.
 """
@@ -44,6 +48,7 @@ import secrets
 import shutil
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,30 +56,51 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import configs  # noqa: E402
+import harness  # noqa: E402
 import procs  # noqa: E402
 import run  # noqa: E402
+
+SWITCH_HEADER = "X-Bench-Dedup"  # read by bench/dedup_switch.py
+KEY = "Idempotency-Key"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    header: str  # the header given a fresh value on every call ("": none)
+    switch: str  # "keep": the call meets the dedup guard; "skip": it passes by
+    backend: str  # which processes: "memory" or "redis"
+
+
+BASELINE = "skip-key"
+SKIP_KEY = Scenario(KEY, "skip", "")  # the baseline, run in every process
+SCENARIOS = {
+    "memory-key": Scenario(KEY, "keep", "memory"),
+    "memory-nokey": Scenario("", "keep", "memory"),
+    "memory-other": Scenario("X-Bench-Other", "keep", "memory"),
+    "redis-key": Scenario(KEY, "keep", "redis"),
+}
 
 
 def wrk(
     h: run.Harness,
     args: argparse.Namespace,
     target: run.Target,
-    header: str | None,
+    scenario: Scenario,
     tag: str,
 ) -> tuple[float, float]:
-    """One wrk run, a fresh ``header`` value on every call (None: bench/wrk/post.lua's
-    fixed call): requests per second, and the sidecar's CPU microseconds per request
-    (less sensitive than throughput to other load on a shared machine). Every answer
-    must be 200."""
-    lua = BENCH / "wrk" / ("post.lua" if header is None else "dedup.lua")
+    """One wrk run of ``scenario`` (bench/wrk/dedup.lua): requests per second, and
+    the sidecar's CPU microseconds per request (less sensitive than throughput to
+    other load on a shared machine). Every answer must be 200."""
     argv = [
         args.wrk, "-t1", "-c", str(args.connections), "-d", f"{args.duration}s",
-        "--timeout", "5s", "-s", str(lua), f"http://127.0.0.1:{target.port}{configs.PATH}",
-        "--", args.secret, "200", configs.BODY,
+        "--timeout", "5s", "-s", str(BENCH / "wrk" / "dedup.lua"),
+        f"http://127.0.0.1:{target.port}{configs.PATH}", "--", args.secret, "200", configs.BODY,
     ]  # fmt: skip
+    # For the lua script: spawn() passes the environment on.
     os.environ["WRK_POST_LUA"] = str(BENCH / "wrk" / "post.lua")
-    os.environ["DEDUP_PREFIX"] = tag  # spawn() passes the environment on
-    os.environ["DEDUP_HEADER"] = header or ""
+    os.environ["DEDUP_PREFIX"] = tag
+    os.environ["DEDUP_HEADER"] = scenario.header
+    os.environ["DEDUP_SWITCH"] = scenario.switch
     pids = target.pids()
     ticks = procs.cpu_ticks(pids)
     _, out = h.run_client("wrk", argv, args.client_cpu, timeout=args.duration + 30)
@@ -89,21 +115,41 @@ def wrk(
     return rps, cpu_s * 1e6 / result["requests"]
 
 
+def check_switch(args: argparse.Namespace, target: run.Target) -> None:
+    """A key sent twice is answered as a duplicate when the call meets the guard, and
+    forwarded twice when it passes by: else the ratios would measure nothing."""
+    for switch, duplicate in (("keep", True), ("skip", False)):
+        headers = {
+            "Authorization": f"Bearer {args.secret}",
+            "Content-Type": "application/json",
+            KEY: f"check-{switch}-{target.port}",
+            SWITCH_HEADER: switch,
+        }
+        answers = [harness.http_call(target.port, "POST", configs.PATH, headers, configs.BODY)]
+        answers.append(harness.http_call(target.port, "POST", configs.PATH, headers, configs.BODY))
+        statuses = [status for status, _ in answers]
+        if (
+            statuses != [200, 200]
+            or (json.loads(answers[1][1]).get("duplicate") is True) != duplicate
+        ):
+            raise RuntimeError(f"{target.name}: X-Bench-Dedup: {switch} did not work: {answers}")
+
+
 def fill(h: run.Harness, args: argparse.Namespace, target: run.Target) -> None:
     """Keyed calls until the memory table is at its bound, with room to spare."""
     sent, rnd = 0, 0
+    quick = argparse.Namespace(**{**vars(args), "duration": 2})
     while sent < 1.2 * args.max_entries:
         rnd += 1
-        quick = argparse.Namespace(**{**vars(args), "duration": 2})
-        rps, _ = wrk(h, quick, target, "Idempotency-Key", f"fill{target.port}-{rnd}")
+        rps, _ = wrk(h, quick, target, SCENARIOS["memory-key"], f"fill{target.port}-{rnd}")
         sent += int(rps * 2)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
-    ap.add_argument("--instances", type=int, default=3, help="processes per variant")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--duration", type=int, default=2, help="seconds per wrk run")
+    ap.add_argument("--instances", type=int, default=3, help="memory-backend processes")
     ap.add_argument("--max-entries", type=int, default=100_000, help="the memory bound")
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--server-cpu", default="0")
@@ -120,87 +166,79 @@ def main() -> int:
         cmd, env, how = run.resolve_sidecar(args, h.tmp)
         if cmd is None:
             raise RuntimeError(f"cannot start the sidecar: {how}")
-        launcher = [*cmd[:-2], str(BENCH / "nodedup.py")] if cmd[-2:] == ["-m", "sidecar"] else []
-        if not launcher:
-            raise RuntimeError(f"the baseline needs a source tree (python -m sidecar): {how}")
+        if cmd[-2:] != ["-m", "sidecar"]:
+            raise RuntimeError(f"the switch needs a source tree (python -m sidecar): {how}")
+        launcher = [*cmd[:-2], str(BENCH / "dedup_switch.py")]
         run.start_runtime(h, args, ports)
         redis_url = run.start_redis(h, args, ports)
 
-        def config(backend: str) -> Any:
+        def start(name: str, backend: str) -> run.Target:
             def make(**where: str) -> dict[str, Any]:
                 doc = configs.sidecar_config(secret=args.secret, variant="sidecar", **where)
                 doc["sidecar"]["dedup"] = {"backend": backend, "maxEntries": args.max_entries}
                 return doc
 
-            return make
+            return run.start_sidecar(h, args, ports, name, launcher, env, make)
 
-        def start(name: str, argv: list[str], backend: str) -> run.Target:
-            return run.start_sidecar(h, args, ports, name, argv, env, config(backend))
-
-        n = range(1, args.instances + 1)
-        memory = [start(f"dedup-memory{i}", cmd, "memory") for i in n]
-        nodedup = [start(f"nodedup{i}", launcher, "memory") for i in n]
-        redis = [start("dedup-redis", cmd, redis_url)]
-        for target in memory:
-            fill(h, args, target)
-        key, other = "Idempotency-Key", "X-Bench-Other"
-        # name -> (its processes, the header given a fresh value on every call)
-        scenarios: dict[str, tuple[list[run.Target], str | None]] = {
-            "nodedup-key": (nodedup, key),
-            "memory-key": (memory, key),
-            "redis-key": (redis, key),
-            "memory-nokey": (memory, None),
-            "memory-other": (memory, other),
+        processes = [
+            (f"memory{i}", "memory", start(f"dedup-memory{i}", "memory"))
+            for i in range(1, args.instances + 1)
+        ] + [("redis", "redis", start("dedup-redis", redis_url))]
+        for _, backend, target in processes:
+            check_switch(args, target)
+            if backend == "memory":
+                fill(h, args, target)
+        # ratios[scenario][process] -> one (throughput ratio, CPU us added) per round
+        ratios: dict[str, dict[str, list[tuple[float, float]]]] = {
+            name: {p: [] for p, backend, _ in processes if backend == sc.backend}
+            for name, sc in SCENARIOS.items()
         }
-        names = list(scenarios)
-        # One run per (scenario, process), the keyed pair interleaved process by process.
-        plan = [(name, i) for i in range(args.instances) for name in names[:2]]
-        plan += [(name, i) for name in names[2:] for i in range(len(scenarios[name][0]))]
-        runs: dict[str, list[float]] = {s: [] for s in names}
-        cpu: dict[str, list[float]] = {s: [] for s in names}
-        per_process: dict[str, list[list[float]]] = {
-            s: [[] for _ in scenarios[s][0]] for s in names
-        }
+        runs: dict[str, list[tuple[float, float]]] = {n: [] for n in [BASELINE, *SCENARIOS]}
         for rnd in range(args.rounds):
-            shift = (rnd * 2) % len(plan)
-            done: dict[str, list[tuple[float, float]]] = {s: [] for s in names}
-            for name, i in plan[shift:] + plan[:shift]:  # rotate: no fixed first
-                target, header = scenarios[name][0][i], scenarios[name][1]
-                rps, us = wrk(h, args, target, header, f"r{rnd}{name}{i}")
-                done[name].append((rps, us))
-                per_process[name][i].append(rps)
-                run.log(
-                    f"round {rnd + 1} {name:13} #{i + 1} {rps:10,.0f} req/s {us:6.1f} us CPU/req"
-                )
-            for name in names:
-                runs[name].append(statistics.fmean(r for r, _ in done[name]))
-                cpu[name].append(statistics.fmean(u for _, u in done[name]))
+            for pname, backend, target in processes:
+                names = [BASELINE] + [n for n, sc in SCENARIOS.items() if sc.backend == backend]
+                shift = rnd % len(names)  # no scenario always first, or always last
+                order = names[shift:] + names[:shift]
+                if rnd // len(names) % 2:
+                    order.reverse()
+                got: dict[str, tuple[float, float]] = {}
+                for name in order:
+                    sc = SCENARIOS.get(name, SKIP_KEY)
+                    got[name] = wrk(h, args, target, sc, f"r{rnd}{pname}{name}")
+                    runs[name].append(got[name])
+                    rps, us = got[name]
+                    run.log(
+                        f"round {rnd + 1} {pname:8} {name:13} {rps:10,.0f} req/s"
+                        f" {us:6.1f} us CPU/req"
+                    )
+                base_rps, base_us = got[BASELINE]
+                for name in names[1:]:
+                    rps, us = got[name]
+                    ratios[name][pname].append((rps / base_rps, us - base_us))
 
-        def paired(series: dict[str, list[float]], num: str, den: str) -> float:
-            pairs = zip(series[num], series[den], strict=True)
-            return statistics.median(n / d for n, d in pairs)
+        def median(pairs: list[tuple[float, float]], i: int) -> float:
+            return statistics.median(p[i] for p in pairs)
 
         run.log("")
-        for name in names:
-            spread = " ".join(f"{statistics.median(p):,.0f}" for p in per_process[name])
-            run.log(
-                f"{name:13} median {statistics.median(runs[name]):10,.0f} req/s"
-                f" {statistics.median(cpu[name]):6.1f} us CPU/req   by process: {spread}"
-            )
-        ratios: dict[str, dict[str, float]] = {}
-        for num in names[1:]:
-            pair = f"{num} / nodedup-key"
-            ratios[pair] = {
-                "throughput": paired(runs, num, "nodedup-key"),
-                "cpu": paired(cpu, num, "nodedup-key"),
+        summary: dict[str, dict[str, Any]] = {}
+        for name, by_process in ratios.items():
+            every = [r for rs in by_process.values() for r in rs]
+            summary[name] = {
+                "throughput": median(every, 0),
+                "cpu_us_added": median(every, 1),
+                "by_process": {p: median(rs, 0) for p, rs in by_process.items()},
             }
+            spread = " ".join(f"{r:.3f}" for r in summary[name]["by_process"].values())
             run.log(
-                f"{pair:28} throughput {ratios[pair]['throughput']:.3f},"
-                f" sidecar CPU per request {ratios[pair]['cpu']:.3f}"
+                f"{name + ' / ' + BASELINE:26} throughput {summary[name]['throughput']:.3f}"
+                f"  sidecar CPU {summary[name]['cpu_us_added']:+5.1f} us/call"
+                f"   by process: {spread}"
             )
-        run.log("target (issue 15): memory-key throughput >= 0.95 x nodedup-key")
+        base_us = statistics.median(us for _, us in runs[BASELINE])
+        run.log(f"{BASELINE} itself: {base_us:.1f} us of sidecar CPU per call (median)")
+        run.log("target (issue 15): memory-key throughput >= 0.95 x skip-key")
         if args.json:
-            out = {"runs": runs, "cpu_us": cpu, "by_process": per_process, "ratios": ratios}
+            out = {"runs": runs, "ratios": summary, "baseline_cpu_us": base_us}
             Path(args.json).write_text(json.dumps(out, indent=2))
         return 0
     finally:

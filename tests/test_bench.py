@@ -163,11 +163,33 @@ def test_dedup_bench_smoke(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stdout + r.stderr
     doc = json.loads(out.read_text())
-    names = {"nodedup-key", "memory-key", "redis-key", "memory-nokey", "memory-other"}
-    assert set(doc["runs"]) == names and all(doc["runs"][n][0] > 0 for n in names)
-    assert set(doc["ratios"]) == {f"{n} / nodedup-key" for n in names - {"nodedup-key"}}
-    assert all(0 < ratio["cpu"] < 10 for ratio in doc["ratios"].values())
-    assert [len(doc["by_process"][n]) for n in ("memory-key", "nodedup-key")] == [2, 2]
+    names = {"memory-key", "memory-nokey", "memory-other", "redis-key"}
+    assert set(doc["runs"]) == names | {"skip-key"}
+    # One run per process and round: the baseline in all three processes.
+    assert len(doc["runs"]["skip-key"]) == 3 and len(doc["runs"]["memory-key"]) == 2
+    assert all(rps > 0 for rps, _ in doc["runs"]["skip-key"])
+    assert set(doc["ratios"]) == names
+    assert all(0 < r["throughput"] < 10 for r in doc["ratios"].values())
+    assert set(doc["ratios"]["memory-key"]["by_process"]) == {"memory1", "memory2"}
+    assert set(doc["ratios"]["redis-key"]["by_process"]) == {"redis"}
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None and not IN_CI, reason="valgrind not installed")
+def test_dedup_count_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "count.json"
+    r = bench(
+        "dedup_count.py",
+        *("--calls", "5", "--warm", "5", "--max-entries", "10", "--json", str(out)),
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(out.read_text())
+    events = {"instructions", "L1 data misses", "L1 code misses"}
+    assert set(doc["per_call"]) == {"skip-key", "memory-key"}
+    for counts in doc["per_call"].values():
+        assert set(counts) == events
+        assert counts["instructions"] > 50_000  # a whole call, not nothing
+    assert set(doc["added"]) == events
 
 
 @needs_wrk
