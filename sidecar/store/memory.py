@@ -12,11 +12,12 @@ memory as it can. One plain dict maps an id to its deadline, with the state in t
 sign: negative while in flight (``-deadline``), positive once done. Beside it, a
 queue of the done ids and their deadlines, in the order they were completed, says
 which id is oldest and whether it has expired without a lookup in the table. An id
-claimed again after it expired leaves its old record behind: a record whose deadline
-no longer matches the table is skipped when it reaches the front, and such a claim
-rebuilds the queue from the table (in its order) if stale records could outnumber the
-live ones. Every check of that kind is on these cold paths: a claim of a new id and
-its completion do only what the steady state needs (docs/dedup.md, "Cost").
+claimed again after it expired (or evicted while in flight) leaves an old record
+behind: a record whose deadline no longer matches the table is skipped when it
+reaches the front, and the queue is rebuilt from the table (in its order) if stale
+records could outnumber the live ones. Every check of that kind is on those cold
+paths: a claim of a new id and its completion do only what the steady state needs
+(docs/dedup.md, "Cost").
 
 Nothing kept per id is an object the garbage collector tracks (strings and floats,
 in two queues rather than one queue of tuples), so remembering 100,000 ids does not
@@ -72,14 +73,14 @@ class MemoryDedupStore:
                 return _DONE
             if -deadline > now:
                 return _IN_FLIGHT
-            self._stale_record()  # expired, claimed again: its old record goes stale
+            self._may_go_stale()  # expired, claimed again: its old record goes stale
         if len(entries) >= self.max_entries:  # full: the steady state of a busy sidecar
             order = self._order
             if order:  # _forget_oldest, inline: this is every claim of a busy sidecar
                 oldest, its_deadline = order.popleft(), self._deadlines.popleft()
-                deadline = entries.pop(oldest, None)
-                if deadline is not its_deadline and deadline is not None:
-                    entries[oldest] = deadline  # completed again since: it stays
+                now_held = entries.pop(oldest, None)
+                if now_held is not its_deadline and now_held is not None:
+                    entries[oldest] = now_held  # claimed again since: it stays
             if len(entries) >= self.max_entries:  # that record was stale, or all in flight
                 self._make_room(1)
         else:
@@ -126,10 +127,12 @@ class MemoryDedupStore:
         if self._entries.get(key) is deadline:
             del self._entries[key]
 
-    def _stale_record(self) -> None:
-        """An expired id is being claimed again, so its record in the queue will no
-        longer match the table (the only way one goes stale). Rebuild the queue from
-        the table when stale records could outnumber the live ones."""
+    def _may_go_stale(self) -> None:
+        """An id will soon have two records in the queue, one no longer matching the
+        table: it expired and is being claimed again, or it is evicted while in flight
+        (its call and a retry's may both complete). The only two ways a record goes
+        stale, so the check is here, off the hot path: rebuild the queue from the
+        table when stale records could outnumber the live ones."""
         entries = self._entries
         if len(self._order) > 2 * len(entries) + 64:
             self._order = deque(k for k, d in entries.items() if d > 0)
@@ -146,5 +149,6 @@ class MemoryDedupStore:
                 self._forget_oldest()
             elif entries:
                 del entries[next(iter(entries))]
+                self._may_go_stale()
             else:
                 return
