@@ -238,7 +238,9 @@ def main() -> int:
         run.log(f"{BASELINE} itself: {base_us:.1f} us of sidecar CPU per call (median)")
         run.log("target (issue 15): memory-key throughput >= 0.95 x skip-key")
         if args.json:
-            out = {"runs": runs, "ratios": summary, "baseline_cpu_us": base_us}
+            # "pairs": every (throughput ratio, CPU us added), by scenario and process:
+            # what to pool over several runs.
+            out = {"runs": runs, "ratios": summary, "pairs": ratios, "baseline_cpu_us": base_us}
             Path(args.json).write_text(json.dumps(out, indent=2))
         return 0
     finally:

@@ -172,6 +172,7 @@ def test_dedup_bench_smoke(tmp_path: Path) -> None:
     assert all(0 < r["throughput"] < 10 for r in doc["ratios"].values())
     assert set(doc["ratios"]["memory-key"]["by_process"]) == {"memory1", "memory2"}
     assert set(doc["ratios"]["redis-key"]["by_process"]) == {"redis"}
+    assert [len(p) for p in doc["pairs"]["memory-key"].values()] == [1, 1]  # one per round
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None and not IN_CI, reason="valgrind not installed")
