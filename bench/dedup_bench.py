@@ -115,16 +115,21 @@ def wrk(
     return rps, cpu_s * 1e6 / result["requests"]
 
 
+def keyed_headers(secret: str, key: str, switch: str) -> dict[str, str]:
+    """The headers of one keyed call outside wrk (bench/dedup_count.py sends them too)."""
+    return {
+        "Authorization": f"Bearer {secret}",
+        "Content-Type": "application/json",
+        KEY: key,
+        SWITCH_HEADER: switch,
+    }
+
+
 def check_switch(args: argparse.Namespace, target: run.Target) -> None:
     """A key sent twice is answered as a duplicate when the call meets the guard, and
     forwarded twice when it passes by: else the ratios would measure nothing."""
     for switch, duplicate in (("keep", True), ("skip", False)):
-        headers = {
-            "Authorization": f"Bearer {args.secret}",
-            "Content-Type": "application/json",
-            KEY: f"check-{switch}-{target.port}",
-            SWITCH_HEADER: switch,
-        }
+        headers = keyed_headers(args.secret, f"check-{switch}-{target.port}", switch)
         answers = [harness.http_call(target.port, "POST", configs.PATH, headers, configs.BODY)]
         answers.append(harness.http_call(target.port, "POST", configs.PATH, headers, configs.BODY))
         statuses = [status for status, _ in answers]

@@ -25,13 +25,10 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import re
 import secrets
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -40,7 +37,7 @@ sys.path.insert(0, str(BENCH))
 import configs  # noqa: E402
 import harness  # noqa: E402
 import run  # noqa: E402
-from dedup_bench import KEY, SWITCH_HEADER  # noqa: E402
+from dedup_bench import keyed_headers  # noqa: E402
 
 EVENTS = {
     "instructions": "I   refs",
@@ -66,30 +63,24 @@ def count(
     path = h.tmp / f"{label}.json5"
     path.write_text(json.dumps(doc))
     path.chmod(0o600)
-    env = {**os.environ, "PYTHONPATH": str(BENCH.parent), "PYTHONHASHSEED": "0"}
+    env = {"PYTHONPATH": str(BENCH.parent), "PYTHONHASHSEED": "0"}
     argv = [
         "valgrind", "--tool=cachegrind", "--cache-sim=yes",
         f"--cachegrind-out-file={h.tmp / (label + '.cg')}",
         harness.PY, str(BENCH / "dedup_switch.py"), "run", "-c", str(path),
     ]  # fmt: skip
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not _listening(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{label}: the sidecar did not start under valgrind")
-            time.sleep(0.5)
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        for i in range(args.warm):
-            _post(conn, args.secret, f"warm-{i}", "keep")
-        for i in range(calls):
-            _post(conn, args.secret, f"{label}-{i}", switch)
-        conn.close()
-        proc.send_signal(signal.SIGTERM)
-        err = proc.communicate(timeout=300)[1].decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    p = h.spawn(label, argv, cpu=args.server_cpu, env=env)  # its summary goes to p.log_path
+    harness.wait_ready(p, lambda: harness.tcp_open(port), "listening port under valgrind", 300)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for i in range(args.warm):
+        _post(conn, args.secret, f"warm-{i}", "keep")
+    for i in range(calls):
+        _post(conn, args.secret, f"{label}-{i}", switch)
+    conn.close()
+    p.popen.send_signal(signal.SIGTERM)
+    p.popen.wait(timeout=300)
+    assert p.log_path is not None
+    err = p.log_path.read_text(errors="replace")
     totals = {}
     for name, field in EVENTS.items():
         m = re.search(re.escape(field) + r":\s+([\d,]+)", err)
@@ -99,21 +90,8 @@ def count(
     return totals
 
 
-def _listening(port: int) -> bool:
-    try:
-        return harness.tcp_open(port)
-    except OSError:
-        return False
-
-
 def _post(conn: http.client.HTTPConnection, secret: str, key: str, switch: str) -> None:
-    headers = {
-        "Authorization": f"Bearer {secret}",
-        "Content-Type": "application/json",
-        KEY: key,
-        SWITCH_HEADER: switch,
-    }
-    conn.request("POST", configs.PATH, configs.BODY.encode(), headers)
+    conn.request("POST", configs.PATH, configs.BODY.encode(), keyed_headers(secret, key, switch))
     r = conn.getresponse()
     r.read()
     if r.status != 200:
