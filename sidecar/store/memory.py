@@ -12,12 +12,11 @@ memory as it can. One plain dict maps an id to its deadline, with the state in t
 sign: negative while in flight (``-deadline``), positive once done. Beside it, a
 queue of the done ids and their deadlines, in the order they were completed, says
 which id is oldest and whether it has expired without a lookup in the table. An id
-claimed again after it expired (or evicted while in flight) leaves an old record
-behind: a record whose deadline no longer matches the table is skipped when it
-reaches the front, and the queue is rebuilt from the table (in its order) if stale
-records could outnumber the live ones. Every check of that kind is on those cold
-paths: a claim of a new id and its completion do only what the steady state needs
-(docs/dedup.md, "Cost").
+claimed again after it expired leaves an old record behind: a record whose deadline
+no longer matches the table is skipped when it reaches the front, and that claim
+rebuilds the queue from the table (in its order) if stale records could outnumber
+the live ones. The check runs there only: a claim of a new id and its completion
+do only what the steady state needs (docs/dedup.md, "Cost").
 
 Nothing kept per id is an object the garbage collector tracks (strings and floats,
 in two queues rather than one queue of tuples), so remembering 100,000 ids does not
@@ -128,11 +127,11 @@ class MemoryDedupStore:
             del self._entries[key]
 
     def _may_go_stale(self) -> None:
-        """An id will soon have two records in the queue, one no longer matching the
-        table: it expired and is being claimed again, or it is evicted while in flight
-        (its call and a retry's may both complete). The only two ways a record goes
-        stale, so the check is here, off the hot path: rebuild the queue from the
-        table when stale records could outnumber the live ones."""
+        """An expired id is being claimed again, so its old record in the queue will
+        stop matching the table. Rebuild the queue from the table when stale records
+        could outnumber the live ones. (An id evicted while in flight can leave a stale
+        record too, when its call and a retry's both complete; but that eviction needs
+        an empty queue, so those are never more than ``max_entries``.)"""
         entries = self._entries
         if len(self._order) > 2 * len(entries) + 64:
             self._order = deque(k for k, d in entries.items() if d > 0)
@@ -149,6 +148,5 @@ class MemoryDedupStore:
                 self._forget_oldest()
             elif entries:
                 del entries[next(iter(entries))]
-                self._may_go_stale()
             else:
                 return
